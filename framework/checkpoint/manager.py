@@ -1,0 +1,133 @@
+"""Sharded save and resume of everything stateful: model, optimizer, schedule, loader, RNG, step.
+
+Layout (one directory per step, every rank writing its own shards through DeepSpeed)::
+
+    checkpoints/step-000200/   DeepSpeed's per-rank model and optimizer shards, trainer_state.json, manifest.json
+    checkpoints/latest         names the newest complete checkpoint; replaced atomically, last
+
+``latest`` moves only after every rank finished writing and the manifest is written, so a crash mid-save leaves
+the previous checkpoint as ``latest`` and the half-written directory is never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from framework.checkpoint.manifest import verify_manifest, write_manifest
+from framework.cli import UserError
+from framework.parallel.distributed import barrier, broadcast_object
+
+STEP_PREFIX = "step-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy()))
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str, keep: int, is_rank0: bool):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.keep, self.is_rank0 = keep, is_rank0
+
+    # -- save -----------------------------------------------------------------------------------
+    def save(self, engine, step: int, state: dict) -> str:
+        """Every rank writes its shards; rank 0 adds trainer_state.json and the manifest, then moves latest."""
+        tag = step_dir_name(step)
+        path = os.path.join(self.root, tag)
+        if self.is_rank0 and os.path.isdir(path):
+            shutil.rmtree(path)  # a stale half-written directory of the same step
+        barrier()
+        engine.save_checkpoint(self.root, tag=tag, save_latest=False)
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+        barrier()
+        if self.is_rank0:
+            full = {**state, "rng": rngs, "world_size": dist.get_world_size()}
+            with open(os.path.join(path, "trainer_state.json"), "w") as f:
+                json.dump(full, f, indent=1)
+            write_manifest(path, {"step": step})
+            tmp = os.path.join(self.root, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag + "\n")
+            os.replace(tmp, os.path.join(self.root, "latest"))
+            self._prune()
+        barrier()
+        return path
+
+    def _prune(self) -> None:
+        if self.keep <= 0:
+            return
+        tags = sorted(d for d in os.listdir(self.root) if d.startswith(STEP_PREFIX))
+        latest = self.latest_tag()
+        for tag in tags[: -self.keep]:
+            if tag != latest:
+                shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def latest_tag(self) -> str | None:
+        path = os.path.join(self.root, "latest")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return f.read().strip() or None
+
+    def resolve(self, resume: str) -> str | None:
+        """The checkpoint directory to resume from: ``latest`` (if any), ``none``, or a path."""
+        if resume in ("none", "", None):
+            return None
+        if resume == "latest":
+            tag = self.latest_tag()
+            return os.path.join(self.root, tag) if tag else None
+        path = resume
+        if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+            path = os.path.join(path, "checkpoints", open(os.path.join(path, "checkpoints", "latest")).read().strip())
+        if not os.path.isdir(path):
+            raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory")
+        return path
+
+    def load(self, engine, path: str) -> dict:
+        """Verify the manifest (rank 0), then load every rank's shards and return trainer_state."""
+        error = None
+        if self.is_rank0:
+            try:
+                verify_manifest(path)
+            except UserError as exc:
+                error = str(exc)
+        error = broadcast_object(error)
+        if error:
+            raise UserError(error)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        root, tag = os.path.split(os.path.normpath(path))
+        try:
+            load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except RuntimeError as exc:
+            raise UserError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0][:300]}") from exc
+        if load_path is None:
+            raise UserError(f"DeepSpeed found no checkpoint files in {path}")
+        rngs = state.get("rng") or []
+        if len(rngs) == dist.get_world_size():
+            set_rng_state(rngs[dist.get_rank()])
+        return state

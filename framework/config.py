@@ -1,0 +1,232 @@
+"""Typed config schemas behind the YAML in ``configs/``.
+
+Each dataclass is the schema of one config group; ``TrainConfig``, ``ExportConfig`` and ``GenerateConfig`` are
+the roots registered in Hydra's ConfigStore. Because the YAML merges into these types, a mistyped key fails
+at start and the error lists the valid ones (``framework.cli``). What can be derived (dp, per-rank batch,
+accumulation steps) is derived in code, never a knob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from framework.models.llama import ModelArgs
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic tasks with a known answer; eval reports exact-match accuracy."""
+
+    task: str = "reverse"
+    """One of copy, reverse, sort, add."""
+    num_examples: int = 20000
+    """Training examples generated (the validation set is separate, of val_examples)."""
+    val_examples: int = 256
+    """Held-out examples for loss and exact-match accuracy."""
+    min_len: int = 3
+    """Fewest digits in an operand."""
+    max_len: int = 8
+    """Most digits in an operand."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length token blocks."""
+
+    source: str = "synthetic"
+    """synthetic, stdlib (this Python's own standard library source), files (local text/JSONL/Parquet) or hub."""
+    paths: List[str] = field(default_factory=list)
+    """Local files for source=files (.txt, .jsonl, .json, .parquet)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL/Parquet/hub data."""
+    hub_name: Optional[str] = None
+    """Hub dataset name for source=hub (needs network)."""
+    hub_config: Optional[str] = None
+    """Hub dataset configuration name."""
+    hub_split: str = "train"
+    """Hub split to read."""
+    max_chars: int = 4_000_000
+    """Cap on corpus characters read (stdlib, files, hub); 0 means no cap."""
+    tokenizer: Optional[str] = None
+    """A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus."""
+    vocab_size: int = 2048
+    """Vocabulary of the trained BPE tokenizer."""
+    val_fraction: float = 0.02
+    """Share of packed blocks held out for validation (non-synthetic sources)."""
+    num_proc: int = 2
+    """Processes for tokenization with datasets.map."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Layout and precision. dp is derived: world_size / tp."""
+
+    tp: int = 1
+    """Tensor-parallel degree (DeepSpeed AutoTP)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward to save memory."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu), cuda or cpu."""
+    backend: str = "auto"
+    """auto (nccl on cuda, gloo on cpu), nccl or gloo."""
+    timeout_s: int = 600
+    """Collective timeout."""
+
+
+@dataclass
+class TrainerConfig:
+    """The loop, optimizer, schedule and evaluation."""
+
+    max_steps: int = 400
+    """Optimizer steps to train."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step across all data-parallel ranks."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass on one rank; accumulation steps are derived."""
+    seq_len: int = 64
+    """Tokens per training sequence."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a share of lr."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = 100
+    """Evaluate every N steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    eval_exact_match: int = 128
+    """Synthetic examples scored for exact-match accuracy per evaluation."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s per device for MFU; None looks the device up in a table."""
+    init_from: Optional[str] = None
+    """A Hugging Face safetensors directory (Llama or Qwen2) to start from instead of random weights."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go. All of it comes from rank 0 only."""
+
+    progress: bool = True
+    """A progress bar on rank 0."""
+    tensorboard: bool = False
+    """Write TensorBoard events under run_dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_mode: str = "offline"
+    """offline (no account needed) or online."""
+    wandb_project: str = "miaotui"
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints and the export at the end of a run."""
+
+    every: int = 0
+    """Save every N steps (and at the end when > 0 or export is on); 0 saves only at the end."""
+    keep: int = 2
+    """Keep the newest K checkpoints."""
+    resume: str = "latest"
+    """latest (resume if a checkpoint exists), none, or a checkpoint path."""
+    export: bool = True
+    """Write run_dir/export (Hugging Face safetensors) at the end."""
+    save_final: bool = True
+    """Save a checkpoint at the end of training."""
+    max_shard_size_mb: int = 2000
+    """Largest export shard, in MiB."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    """Run name; the run directory is runs/<name> unless run_dir is set."""
+    seed: int = 0
+    run_dir: str = "runs/default"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Optional[str] = None
+    """A checkpoint step directory or a run directory (its latest checkpoint)."""
+    out: Optional[str] = None
+    """Output directory; defaults to <run>/export."""
+    max_shard_size_mb: int = 2000
+
+
+@dataclass
+class InferConfig:
+    """The pipeline-parallel runner."""
+
+    pp: int = 1
+    """Pipeline stages (one process each); must equal the world size."""
+    split: Optional[List[int]] = None
+    """Layers per stage, e.g. [3,5,5,3]; None splits evenly."""
+    micro_batches: int = 0
+    """Micro-batches in flight; 0 picks pp (one per stage)."""
+    batch_size: int = 16
+    """Requests decoded together (split into micro-batches)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 disables)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 disables)."""
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    """Default per-request sampling seed (a request's own "seed" field wins)."""
+    stop: List[str] = field(default_factory=list)
+    """Stop strings."""
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16."""
+    device: str = "auto"
+    backend: str = "auto"
+    summary: Optional[str] = None
+    """Write a JSON summary (tokens_per_s, ttft_s, tpot_s, stage busy fractions) here."""
+    progress: bool = True
+    timeout_s: int = 600
+
+
+@dataclass
+class GenerateConfig:
+    model_dir: Optional[str] = None
+    """An export directory, a run directory, or a training checkpoint."""
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None
+    """JSONL file of requests with a "prompt" field."""
+    output: Optional[str] = None
+    """JSONL of results."""
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+
+
+register_configs()

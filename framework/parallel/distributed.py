@@ -1,0 +1,90 @@
+"""Process-group set-up shared by training and inference, whatever launched us.
+
+torchrun, the deepspeed launcher and Slurm's srun all end up here; a plain ``python -m`` run becomes a world of
+one. The device and backend are chosen from what is there (cuda+nccl, else cpu+gloo) unless the config forces
+them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from framework.cli import UserError
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (torchrun, deepspeed, Slurm)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, local, world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible: use device=cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device == "cuda":
+        _, local, _ = env_rank_world()
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pick_backend(device: torch.device, backend: str = "auto") -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend
+
+
+def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int = 600) -> tuple[int, int]:
+    """Join (or create) the default process group; returns (rank, world_size)."""
+    rank, _, world = env_rank_world()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    dist.init_process_group(
+        backend=pick_backend(device, backend),
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Broadcast a picklable object from ``src`` (identity in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,122 @@
+"""Apply parallelism to the single-device model from outside, in a fixed order.
+
+1. tensor parallelism: DeepSpeed AutoTP, driven by name patterns for our (Hugging Face) parameter names;
+2. activation checkpointing: recompute each decoder layer in backward;
+3. ZeRO wrapping: ``deepspeed.initialize`` with the config built here.
+
+Each step is switchable from ``ParallelConfig``; the model file itself never sees a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from framework.config import ParallelConfig, TrainerConfig
+from framework.parallel.topology import Topology
+
+# Column-parallel: split the output features (and their bias); row-parallel: split the input features and
+# all-reduce the output. These are Megatron's choices for a Llama block, expressed as AutoTP patterns.
+COLUMN_PARALLEL = r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$"
+ROW_PARALLEL = r".*\.(o_proj|down_proj)\.weight$"
+
+
+def tp_partition_dim(name: str) -> int | None:
+    """Which dim of parameter ``name`` is split under tensor parallelism (None: replicated)."""
+    import re
+
+    if re.match(COLUMN_PARALLEL, name):
+        return 0
+    if re.match(ROW_PARALLEL, name):
+        return 1
+    return None
+
+
+def accumulation_steps(topo: Topology, trainer: TrainerConfig) -> int:
+    """Derive gradient accumulation from the global batch; the caller validated divisibility."""
+    return trainer.global_batch_size // (trainer.micro_batch_size * topo.dp)
+
+
+def build_deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, topo: Topology) -> dict:
+    """The DeepSpeed config from ours: batch sizes, precision, ZeRO stage, clipping, AutoTP."""
+    cfg: dict = {
+        "train_batch_size": trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(topo, trainer),
+        "gradient_clipping": trainer.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": trainer.lr, "betas": [trainer.beta1, trainer.beta2], "eps": trainer.eps,
+                       "weight_decay": trainer.weight_decay},
+        },
+        "steps_per_print": 10**9,  # our loggers report; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if parallel.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif parallel.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 200}
+    if parallel.zero_stage == 3:
+        # Gather parameters eagerly in the small models of tests; real runs keep DeepSpeed's defaults.
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+    if topo.tp > 1:
+        cfg["tensor_parallel"] = {
+            "autotp_size": topo.tp,
+            "partition_config": {
+                "use_default_specs": False,
+                "layer_specs": [
+                    {"patterns": [COLUMN_PARALLEL], "partition_type": "column"},
+                    {"patterns": [ROW_PARALLEL], "partition_type": "row"},
+                ],
+            },
+        }
+    return cfg
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not norms or biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: TrainerConfig, topo: Topology,
+                lr_lambda: Callable[[int], float]):
+    """Apply TP, activation checkpointing and ZeRO; returns the DeepSpeed engine."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
+    #    AutoTP then shards the matched parameters inside deepspeed.initialize.
+    if topo.tp > 1:
+        groups._init_tp_mesh_device(tensor_model_parallel_size=topo.tp)
+    # 2. Activation checkpointing, applied per decoder layer inside the model's forward.
+    model.activation_checkpointing = parallel.activation_checkpointing
+    # 3. ZeRO.
+    ds_config = build_deepspeed_config(parallel, trainer, topo)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, trainer.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        mpu=groups if topo.tp > 1 else None,
+    )
+    return engine
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs at INFO on every rank; keep warnings only (our loggers speak for rank 0)."""
+    os.environ.setdefault("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", ""))
+    if not os.environ["DS_ACCELERATOR"]:
+        del os.environ["DS_ACCELERATOR"]
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)

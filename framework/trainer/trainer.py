@@ -1,0 +1,209 @@
+"""The trainer: validate, prepare data, build and parallelize the model, loop, evaluate, checkpoint, export.
+
+``train(cfg)`` is what ``python -m framework.train`` calls and what tests call with a composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from framework.checkpoint.export import export_from_module
+from framework.checkpoint.manager import CheckpointManager
+from framework.cli import UserError
+from framework.config import TrainConfig
+from framework.data.dataset import prepare_data
+from framework.data.loader import ShardedLoader
+from framework.data.sources import validate_data_config
+from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config
+from framework.models.llama import ModelArgs, build_model
+from framework.parallel.distributed import barrier, init_distributed, pick_device
+from framework.parallel.parallelize import accumulation_steps, parallelize, quiet_deepspeed
+from framework.parallel.topology import Topology, build_topology
+from framework.trainer.evaluate import evaluate, lm_loss
+from framework.trainer.loggers import MetricLogger
+from framework.trainer.metrics import device_peak_tflops, peak_memory_gb, warmup_cosine
+
+
+def as_train_config(cfg) -> TrainConfig:
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return OmegaConf.to_object(merged)
+    raise TypeError(f"expected TrainConfig or DictConfig, got {type(cfg)}")
+
+
+def validate(cfg: TrainConfig, world_size: int, rank: int) -> Topology:
+    """Every check that needs no heavy work, run identically on every rank (only rank 0 prints the failure)."""
+    p, t, m = cfg.parallel, cfg.trainer, cfg.model
+    if p.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"parallel.precision={p.precision}: use fp32, bf16 or fp16")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
+    topo = build_topology(world_size, rank, tp=p.tp, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim)
+    if m.dim % m.n_heads:
+        raise UserError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.kv_heads}")
+    if t.global_batch_size % (t.micro_batch_size * topo.dp):
+        raise UserError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "
+            f"{t.micro_batch_size} x {topo.dp}: make it a multiple of {t.micro_batch_size * topo.dp}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise UserError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.max_steps < 1:
+        raise UserError("trainer.max_steps must be >= 1")
+    if p.zero_stage == 3 and p.tp > 1:
+        pass  # supported by DeepSpeed; gathered through both dimensions at export
+    validate_data_config(cfg.data)
+    if t.init_from is not None:
+        read_hf_config(t.init_from)
+    return topo
+
+
+def write_run_config(cfg: TrainConfig, run_dir: str, topo: Topology) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    conf = OmegaConf.structured(cfg)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(f"# command: {' '.join(sys.argv)}\n# layout: {topo}\n")
+        f.write(OmegaConf.to_yaml(conf))
+
+
+def resolve_model_args(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
+    if cfg.trainer.init_from:
+        return from_hf_config(read_hf_config(cfg.trainer.init_from), name=cfg.model.name)
+    args = cfg.model
+    if args.vocab_size is None:
+        args = replace(args, vocab_size=vocab_size)
+    elif args.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return args
+
+
+def train(cfg) -> dict:
+    """Run one training job; returns the last logged metrics and the paths it wrote."""
+    cfg = as_train_config(cfg)
+    quiet_deepspeed()
+    device = pick_device(cfg.parallel.device)
+    rank, world = init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    topo = validate(cfg, world, rank)
+    run_dir = cfg.run_dir
+    if topo.is_rank0:
+        write_run_config(cfg, run_dir, topo)
+    torch.manual_seed(cfg.seed)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if topo.is_rank0 else (lambda s: None)
+    log(f"[miaotui] run_dir={run_dir} layout {topo} zero={cfg.parallel.zero_stage} precision={cfg.parallel.precision} "
+        f"device={device.type}")
+
+    # Data: rank 0 builds tokenizer and blocks once; every rank loads them.
+    data = prepare_data(cfg.data, cfg.trainer.seq_len, cfg.seed, run_dir, topo.is_rank0)
+    args = resolve_model_args(cfg, len(data.tokenizer))
+    log(f"[miaotui] data: {data.train.shape[0]} train / {data.val.shape[0]} val blocks of {cfg.trainer.seq_len} tokens, "
+        f"vocab {len(data.tokenizer)}, unigram entropy {data.unigram_entropy:.3f} nats")
+    log(f"[miaotui] model {args.name}: {args.num_params() / 1e6:.2f}M parameters "
+        f"({args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / {args.kv_heads} kv)")
+
+    model = build_model(args, device=device, seed=cfg.seed)
+    if cfg.trainer.init_from:
+        load_hf_weights(model, cfg.trainer.init_from)
+        log(f"[miaotui] initialised from {cfg.trainer.init_from}")
+    t = cfg.trainer
+    engine = parallelize(model, cfg.parallel, t, topo,
+                         lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+
+    loader = ShardedLoader(data.train, t.global_batch_size, topo.dp, topo.dp_rank, cfg.seed)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, topo.is_rank0)
+    start_step, tokens_seen = 0, 0
+    resume_from = ckpt.resolve(cfg.checkpoint.resume)
+    if resume_from:
+        state = ckpt.load(engine, resume_from)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        loader.load_state_dict(state["loader"])
+        log(f"[miaotui] resumed from {resume_from} at step {start_step}")
+
+    gas = accumulation_steps(topo, t)
+    flops_per_token = args.flops_per_token(t.seq_len)
+    peak = device_peak_tflops(device, cfg.parallel.precision, t.peak_tflops)
+    logger = MetricLogger(cfg.logger, run_dir, t.max_steps, start_step, topo.is_rank0,
+                          run_config=OmegaConf.to_container(OmegaConf.structured(cfg)), run_name=cfg.name)
+    last: dict = {}
+    step = start_step
+    window_tokens, window_time = 0, 0.0
+    engine.train()
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        batch = loader.next_batch().to(device)
+        lr = engine.get_lr()[0]
+        loss_sum = torch.zeros((), device=device)
+        for micro in batch.split(t.micro_batch_size):
+            loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        loss_avg = loss_sum / gas
+        dist.all_reduce(loss_avg)
+        loss_value = loss_avg.item() / world  # tp ranks hold equal losses: the mean over dp
+        dt = time.perf_counter() - t0
+        step += 1
+        step_tokens = t.global_batch_size * t.seq_len
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
+        window_time += dt
+        logger.advance()
+        if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1:
+            tps = window_tokens / max(window_time, 1e-9)
+            gn = engine.get_global_grad_norm()
+            last = {
+                "step": step, "loss": loss_value, "lr": lr,
+                "grad_norm": float(gn) if gn is not None else None,
+                "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
+                "tflops_per_device": flops_per_token * tps / world / 1e12,
+                "mfu": (flops_per_token * tps / world / (peak * 1e12)) if peak else None,
+                "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
+            }
+            logger.log(last)
+            window_tokens, window_time = 0, 0.0
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            ev = {"step": step, **evaluate(engine.module, data, t, device)}
+            logger.log(ev)
+            logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in ev.items()))
+            last.update(ev)
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+        save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
+        save_end = step == t.max_steps and cfg.checkpoint.save_final
+        if save_now or save_end:
+            path = ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                                            "layout": {"dp": topo.dp, "tp": topo.tp,
+                                                       "zero_stage": cfg.parallel.zero_stage}})
+            logger.write(f"[miaotui] saved checkpoint {path}")
+    logger.close()
+
+    export_dir = None
+    if cfg.checkpoint.export:
+        from deepspeed.utils import groups
+
+        export_dir = os.path.join(run_dir, "export")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.parallel.precision]
+        export_from_module(engine.module, args, export_dir, os.path.join(run_dir, "tokenizer"), tp=topo.tp,
+                           tp_group=groups.get_tensor_model_parallel_group() if topo.tp > 1 else None,
+                           max_shard_mb=cfg.checkpoint.max_shard_size_mb, dtype=dtype,
+                           extra_manifest={"step": step})
+        log(f"[miaotui] exported {export_dir}")
+    barrier()
+    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, **last}
+    if topo.is_rank0:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
