@@ -1,0 +1,22 @@
+"""``python -m framework.generate``: pipeline-parallel generation from an export (see configs/generate.yaml).
+
+    python -m framework.generate model_dir=runs/x prompt="def fibonacci(n):"
+    torchrun --nproc_per_node=4 -m framework.generate model_dir=runs/x/export infer.pp=4 prompts=in.jsonl output=out.jsonl
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from framework.cli import run_entry
+from framework.config import GenerateConfig
+
+
+@hydra.main(config_path="../configs", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from framework.infer.runner import generate
+
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    run_entry(main, "generate", GenerateConfig)
