@@ -92,6 +92,8 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     import deepspeed
     from deepspeed.utils import groups
 
+    # DeepSpeed's comm layer wraps the process group we already initialised.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
     #    AutoTP then shards the matched parameters inside deepspeed.initialize.
     if topo.tp > 1:
