@@ -1,0 +1,77 @@
+"""Single-process pieces: topology checks, the loader, the stage plan, sampling against transformers."""
+
+import pytest
+import torch
+
+from framework.cli import UserError, explain_compose_error, strip_launcher_args
+from framework.data.loader import ShardedLoader
+from framework.data.synthetic import make_examples
+from framework.infer.plan import split_layers
+from framework.infer.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+from framework.parallel.topology import build_topology
+
+
+def test_topology_layout_and_errors():
+    t = build_topology(8, rank=5, tp=2, n_heads=8, n_kv_heads=4)
+    assert (t.dp, t.tp_rank, t.dp_rank) == (4, 1, 2)
+    with pytest.raises(UserError, match="does not divide the 4 key-value heads"):
+        build_topology(3, 0, tp=3, n_heads=12, n_kv_heads=4)
+    with pytest.raises(UserError, match="not divisible by tp"):
+        build_topology(3, 0, tp=2, n_heads=4, n_kv_heads=2)
+
+
+def test_loader_shards_by_dp_rank_and_resumes():
+    blocks = torch.arange(100).view(50, 2)
+    single = ShardedLoader(blocks, 8, 1, 0, seed=1)
+    shards = [ShardedLoader(blocks, 8, 2, r, seed=1) for r in range(2)]
+    for _ in range(10):  # crosses an epoch boundary
+        full = single.next_batch()
+        assert torch.equal(torch.cat([s.next_batch() for s in shards]), full)
+    state = single.state_dict()
+    nxt = single.next_batch()
+    again = ShardedLoader(blocks, 8, 1, 0, seed=1)
+    again.load_state_dict(state)
+    assert torch.equal(again.next_batch(), nxt)
+
+
+def test_synthetic_answers_are_right():
+    for ex in make_examples("sort", 5, 0, 3, 5):
+        digits = ex.prompt.split(":")[1].split("=")[0].split()
+        assert ex.answer.split() == sorted(digits)
+    for ex in make_examples("add", 5, 0, 2, 4):
+        a, b = ex.prompt.split(":")[1].split("=")[0].split("+")
+        assert int(ex.answer.replace(" ", "")) == int(a.replace(" ", "")) + int(b.replace(" ", ""))
+
+
+def test_split_layers():
+    assert split_layers(5, 3, None) == [[0, 1], [2, 3], [4]]
+    assert split_layers(16, 4, [3, 5, 5, 3])[1] == [3, 4, 5, 6, 7]
+    with pytest.raises(UserError, match="more than the model's 5 layers"):
+        split_layers(5, 6, None)
+    with pytest.raises(UserError, match="adding up"):
+        split_layers(5, 2, [2, 2])
+
+
+def test_sampling_filters_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g)
+    ids = torch.tensor([[3, 7, 7, 20]])
+    torch.testing.assert_close(filter_top_k(logits[0], 5), TopKLogitsWarper(5)(ids, logits.clone())[0])
+    torch.testing.assert_close(filter_top_p(logits[0], 0.8), TopPLogitsWarper(0.8)(ids, logits.clone())[0])
+    torch.testing.assert_close(apply_repetition_penalty(logits[0], ids[0], 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0])
+
+
+def test_launcher_args_and_error_lines():
+    assert strip_launcher_args(["--local_rank=3", "a=1"]) == ["a=1"]
+    assert strip_launcher_args(["--local-rank", "2", "b=2"]) == ["b=2"]
+
+    class Exc(Exception):
+        pass
+
+    msg = explain_compose_error(
+        Exc("Could not override 'trainer.lrr'. Key 'lrr' not in 'TrainerConfig' full_key: trainer.lrr"), None)
+    assert msg.startswith("unknown config key 'trainer.lrr'")
