@@ -64,10 +64,14 @@ def _schema_keys(schema, dotted: str) -> list[str] | None:
 
 def explain_compose_error(exc: Exception, schema) -> str:
     """Turn a Hydra/OmegaConf composition error into one line that names the fix."""
-    text = " ".join(str(exc).split())
-    m = re.search(r"Key '([^']+)' not in '(\w+)'.*?full_key: ([\w.]+)", text)
+    chain, e = [], exc
+    while e is not None and len(chain) < 5:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = " ".join(" ".join(chain).split())
+    m = re.search(r"Key '([^']+)' (?:is )?not in (?:struct|'\w+').*?full_key: ([\w.]+)", text)
     if m:
-        key, full = m.group(1), m.group(3)
+        full = m.group(2)
         parent = full.rsplit(".", 1)[0] if "." in full else ""
         valid = _schema_keys(schema, parent)
         where = f"under '{parent}'" if parent else "at the top level"
@@ -96,6 +100,20 @@ def validate_overrides(config_name: str, overrides: list[str], schema) -> None:
         fail(explain_compose_error(exc, schema))
     finally:
         GlobalHydra.instance().clear()
+
+
+def reports_user_errors(fn: Callable) -> Callable:
+    """Inside a Hydra task function: a UserError becomes one line and a non-zero exit, not Hydra's traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            fail(str(exc))
+
+    return wrapper
 
 
 def run_entry(hydra_main: Callable[[], None], config_name: str, schema) -> None:

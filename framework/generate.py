@@ -7,11 +7,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from framework.cli import run_entry
+from framework.cli import reports_user_errors, run_entry
 from framework.config import GenerateConfig
 
 
 @hydra.main(config_path="../configs", config_name="generate", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     from framework.infer.runner import generate
 

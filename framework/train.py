@@ -13,11 +13,12 @@ if __package__ in (None, ""):  # run as a path by the deepspeed launcher
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from framework.cli import run_entry  # noqa: E402
+from framework.cli import reports_user_errors, run_entry  # noqa: E402
 from framework.config import TrainConfig  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     from framework.trainer.trainer import train
 
