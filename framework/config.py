@@ -9,7 +9,6 @@ accumulation steps) is derived in code, never a knob.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -38,19 +37,19 @@ class DataConfig:
 
     source: str = "synthetic"
     """synthetic, stdlib (this Python's own standard library source), files (local text/JSONL/Parquet) or hub."""
-    paths: List[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     """Local files for source=files (.txt, .jsonl, .json, .parquet)."""
     text_field: str = "text"
     """Column holding the text in JSONL/Parquet/hub data."""
-    hub_name: Optional[str] = None
+    hub_name: str | None = None
     """Hub dataset name for source=hub (needs network)."""
-    hub_config: Optional[str] = None
+    hub_config: str | None = None
     """Hub dataset configuration name."""
     hub_split: str = "train"
     """Hub split to read."""
     max_chars: int = 4_000_000
     """Cap on corpus characters read (stdlib, files, hub); 0 means no cap."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus."""
     vocab_size: int = 2048
     """Vocabulary of the trained BPE tokenizer."""
@@ -114,9 +113,9 @@ class TrainerConfig:
     """Synthetic examples scored for exact-match accuracy per evaluation."""
     log_every: int = 10
     """Log metrics every N steps."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; None looks the device up in a table."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """A Hugging Face safetensors directory (Llama or Qwen2) to start from instead of random weights."""
 
 
@@ -169,9 +168,9 @@ class TrainConfig:
 
 @dataclass
 class ExportConfig:
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """A checkpoint step directory or a run directory (its latest checkpoint)."""
-    out: Optional[str] = None
+    out: str | None = None
     """Output directory; defaults to <run>/export."""
     max_shard_size_mb: int = 2000
 
@@ -182,7 +181,7 @@ class InferConfig:
 
     pp: int = 1
     """Pipeline stages (one process each); must equal the world size."""
-    split: Optional[List[int]] = None
+    split: list[int] | None = None
     """Layers per stage, e.g. [3,5,5,3]; None splits evenly."""
     micro_batches: int = 0
     """Micro-batches in flight; 0 picks pp (one per stage)."""
@@ -198,13 +197,13 @@ class InferConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     """Default per-request sampling seed (a request's own "seed" field wins)."""
-    stop: List[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     """Stop strings."""
     dtype: str = "fp32"
     """fp32, bf16 or fp16."""
     device: str = "auto"
     backend: str = "auto"
-    summary: Optional[str] = None
+    summary: str | None = None
     """Write a JSON summary (tokens_per_s, ttft_s, tpot_s, stage busy fractions) here."""
     progress: bool = True
     timeout_s: int = 600
@@ -212,12 +211,12 @@ class InferConfig:
 
 @dataclass
 class GenerateConfig:
-    model_dir: Optional[str] = None
+    model_dir: str | None = None
     """An export directory, a run directory, or a training checkpoint."""
-    prompt: Optional[str] = None
-    prompts: Optional[str] = None
+    prompt: str | None = None
+    prompts: str | None = None
     """JSONL file of requests with a "prompt" field."""
-    output: Optional[str] = None
+    output: str | None = None
     """JSONL of results."""
     infer: InferConfig = field(default_factory=InferConfig)
 

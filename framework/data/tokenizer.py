@@ -7,7 +7,7 @@ into the export, and loads with ``AutoTokenizer.from_pretrained`` without any ne
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

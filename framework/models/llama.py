@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +32,11 @@ class ModelArgs:
     """Number of decoder layers."""
     n_heads: int = 4
     """Attention (query) heads."""
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
     """Key/value heads (grouped-query attention); None means n_heads."""
     ffn_dim: int = 192
     """Inner size of the SwiGLU MLP."""
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Vocabulary size; None takes it from the tokenizer."""
     max_seq_len: int = 2048
     """Largest context the model is meant for (exported as max_position_embeddings)."""
@@ -45,7 +44,7 @@ class ModelArgs:
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    rope_scaling_factor: Optional[float] = None
+    rope_scaling_factor: float | None = None
     """Llama-3 RoPE frequency scaling factor (e.g. 8.0 or 32.0); None disables scaling."""
     rope_low_freq_factor: float = 1.0
     """Llama-3 scaling: low-frequency factor."""
@@ -161,7 +160,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, cache_start: int = 0, rows=slice(None)):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0, rows=slice(None)):
         B, T, _ = x.shape
         hd = self.head_dim
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
@@ -209,10 +208,10 @@ class LlamaBackbone(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(args.vocab_size, args.dim)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
         # A dict keyed by the global index keeps names stable when a pipeline stage deletes layers.
         self.layers = nn.ModuleDict({str(i): DecoderLayer(args) for i in range(args.n_layers)})
-        self.norm: Optional[RMSNorm] = RMSNorm(args.dim, args.norm_eps)
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
 
 
 class Llama(nn.Module):
@@ -224,7 +223,7 @@ class Llama(nn.Module):
             raise ValueError("model.vocab_size is unset: set it or let the tokenizer provide it")
         self.args = args
         self.model = LlamaBackbone(args)
-        self.lm_head: Optional[nn.Linear] = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.activation_checkpointing = False
@@ -236,7 +235,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, init_std) for linear and embedding weights, zeros for biases, ones for norms."""
         gen = None
         if seed is not None:
@@ -251,7 +250,7 @@ class Llama(nn.Module):
                 p.copy_(torch.empty(p.shape).normal_(0.0, self.args.init_std, generator=gen).to(p))
         self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
 
-    def keep_only(self, layers: list[int], first: bool, last: bool) -> "Llama":
+    def keep_only(self, layers: list[int], first: bool, last: bool) -> Llama:
         """Delete what a pipeline stage does not hold; names of what stays are unchanged."""
         for key in list(self.model.layers.keys()):
             if int(key) not in layers:
@@ -270,11 +269,11 @@ class Llama(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(
         self,
-        tokens: Optional[torch.Tensor] = None,
-        hidden: Optional[torch.Tensor] = None,
-        positions: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        caches: Optional[dict] = None,
+        tokens: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        caches: dict | None = None,
         cache_start: int = 0,
         rows=slice(None),
     ) -> torch.Tensor:
@@ -299,7 +298,7 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype=torch.float32, seed: Optional[int] = 0):
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype=torch.float32, seed: int | None = 0):
     """Build on the meta device, then materialize on ``device`` and initialise from ``seed``."""
     with torch.device("meta"):
         model = Llama(args)

@@ -10,7 +10,7 @@ Each step is switchable from ``ParallelConfig``; the model file itself never see
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

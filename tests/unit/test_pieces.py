@@ -53,8 +53,11 @@ def test_split_layers():
 
 
 def test_sampling_filters_match_transformers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 50, generator=g)
