@@ -1,0 +1,64 @@
+"""Export from a tensor-parallel run; transformers loads it with the same logits and greedy tokens as our model."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import TINY_TRAIN, assert_ok, run_module
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    out = {}
+    for name, nproc, extra in (("tp2", 2, ["parallel.tp=2", "model.tie_embeddings=true"]),
+                               ("single", 1, ["model.tie_embeddings=true"])):
+        run = tmp_path_factory.mktemp(name)
+        args = [a for a in TINY_TRAIN if not a.startswith("checkpoint.export")]
+        proc = run_module("framework.train", [*args, "trainer.max_steps=6", f"run_dir={run}",
+                                              "checkpoint.max_shard_size_mb=0", *extra], nproc=nproc)
+        assert_ok(proc)
+        out[name] = run / "export"
+    return out
+
+
+def test_transformers_loads_export(exports):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from framework.infer.loader import read_model_args
+    from framework.models.hf import load_hf_weights
+    from framework.models.llama import build_model
+
+    path = exports["tp2"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded (tiny shard size)
+    assert "lm_head.weight" not in index["weight_map"]  # tied, like transformers saves it
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ours = build_model(read_model_args(str(path)), seed=None).eval()
+    load_hf_weights(ours, str(path))
+    ids = torch.tensor([tok("reverse: 1 2 3 =")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+        gen = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        seq = ids
+        for _ in range(len(gen)):
+            seq = torch.cat([seq, ours(seq)[:, -1:].argmax(-1)], dim=1)
+    assert seq[0, ids.shape[1]:].tolist() == gen.tolist()
+
+
+def test_tensor_parallel_export_equals_single_process(exports):
+    from safetensors.torch import load_file
+
+    def load_all(path):
+        tensors = {}
+        for f in sorted(path.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        return tensors
+
+    a, b = load_all(exports["tp2"]), load_all(exports["single"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
