@@ -199,6 +199,8 @@ class InferConfig:
     """Default per-request sampling seed (a request's own "seed" field wins)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings."""
+    ignore_eos: bool = False
+    """Keep generating past EOS up to max_new_tokens (benchmarks)."""
     dtype: str = "fp32"
     """fp32, bf16 or fp16."""
     device: str = "auto"

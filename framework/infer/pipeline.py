@@ -129,7 +129,7 @@ class StageRunner:
             st.t_first = st.t_first or now
             st.t_last = now
             tokens.append(tok)
-            if self.eos_id is not None and tok == self.eos_id:
+            if self.eos_id is not None and tok == self.eos_id and not p.ignore_eos:
                 st.finish_reason = "stop"
             elif p.stop and self.tokenizer is not None:
                 text = self.tokenizer.decode(st.generated, skip_special_tokens=True)

@@ -67,6 +67,7 @@ def sampling_for(req: dict, cfg: GenerateConfig) -> SamplingParams:
         repetition_penalty=float(req.get("repetition_penalty", inf.repetition_penalty)),
         max_new_tokens=int(req.get("max_new_tokens", inf.max_new_tokens)), seed=int(req.get("seed", inf.seed)),
         stop=tuple([stop] if isinstance(stop, str) else stop),
+        ignore_eos=bool(req.get("ignore_eos", inf.ignore_eos)),
     )
 
 

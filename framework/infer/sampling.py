@@ -20,6 +20,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""Inference benchmark: one run, the same model and machine, baselines measured alongside.
+
+(a) our pp=1 decode tokens/s against transformers ``generate()`` at batch 1 and 8;
+(b) pp=2 with micro-batches against pp=1, one thread per process, and a naive layer split without
+    micro-batches (what ``device_map="auto"`` does: one batch walks the stages in turn);
+(c) on a GPU: batch-1 decode tokens/s in bf16 against the memory-bandwidth limit
+    (weight bytes per token over the measured device copy bandwidth).
+
+    python scripts/bench_infer.py                 # CPU: a ~30M-parameter random Llama
+    python scripts/bench_infer.py --flavor 1b     # GPU: the 1B flavor in bf16, adds (c)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model(path: str, flavor: str) -> None:
+    import transformers
+
+    from framework.data.synthetic import make_examples
+    from framework.data.tokenizer import train_bpe
+
+    tok = train_bpe([e.text for e in make_examples("reverse", 2000, 0, 3, 8)], 300)
+    if flavor == "1b":
+        shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+    else:  # small enough for CPU, large enough that compute dominates Python overhead
+        shape = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=4, vocab_size=len(tok))
+    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    if flavor == "1b":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file) -> dict:
+    summary = os.path.join(os.path.dirname(prompts_file), f"s-{pp}-{batch}-{micro}.json")
+    args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}",
+            f"infer.batch_size={batch}", f"infer.max_new_tokens={new}", f"infer.micro_batches={micro}",
+            "infer.ignore_eos=true", f"infer.dtype={dtype}", f"infer.device={device}", f"infer.summary={summary}",
+            "infer.progress=false"]
+    launcher = [sys.executable, "-m"] if pp == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                                      "--standalone", f"--nproc_per_node={pp}", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([*launcher, "framework.generate", *args], env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    with open(summary) as f:
+        return json.load(f)
+
+
+def run_hf(path, batch, new, dtype, device, prompts) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    total, t_all = 0, 0.0
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i: i + batch], return_tensors="pt", padding=True).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t_all += time.perf_counter() - t0
+        total += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return total / t_all
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (time.perf_counter() - t0) / 1e9  # read + write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=16)
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bf16" if a.flavor == "1b" else "fp32"
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    tmp = tempfile.mkdtemp(prefix="bench_infer_")
+    path = os.path.join(tmp, "model")
+    make_model(path, a.flavor)
+    prompts = [f"reverse: {' '.join(str((i * 7 + j) % 10) for j in range(3 + i % 6))} =" for i in range(a.requests)]
+    pfile = os.path.join(tmp, "prompts.jsonl")
+    with open(pfile, "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    rows = []
+    for batch in (1, 8):
+        n = 4 if batch == 1 else a.requests
+        sub = os.path.join(tmp, f"p{batch}.jsonl")
+        with open(sub, "w") as f:
+            f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
+        hf = run_hf(path, batch, a.new, tdtype, device, prompts[:n])
+        ours = run_ours(path, 1, batch, a.new, 1, dtype, device, sub)["tokens_per_s"]
+        rows.append((f"(a) pp=1 decode, batch {batch}", f"{ours:.1f}", f"transformers generate(): {hf:.1f}",
+                     f"{ours / hf:.2f}x"))
+    if device == "cpu":
+        base = run_ours(path, 1, a.requests, a.new, 1, dtype, device, pfile)
+        naive = run_ours(path, 2, a.requests, a.new, 1, dtype, device, pfile)
+        micro = run_ours(path, 2, a.requests, a.new, 4, dtype, device, pfile)
+        for name, r in (("(b) pp=2 naive split (1 micro-batch)", naive), ("(b) pp=2, 4 micro-batches", micro)):
+            rows.append((name, f"{r['tokens_per_s']:.1f}", f"pp=1 same batch: {base['tokens_per_s']:.1f}",
+                         f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x  busy "
+                         + "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])))
+    else:
+        from framework.infer.loader import read_model_args
+
+        args = read_model_args(path)
+        weight_bytes = args.num_params() * 2
+        bw = copy_bandwidth_gbs(device)
+        limit = bw * 1e9 / weight_bytes
+        r = run_ours(path, 1, 1, a.new, 1, dtype, device, os.path.join(tmp, "p1.jsonl"))
+        rows.append(("(c) batch-1 bf16 decode vs bandwidth limit", f"{r['tokens_per_s']:.1f}",
+                     f"limit {limit:.1f} ({bw:.0f} GB/s copy, {weight_bytes / 1e9:.2f} GB weights)",
+                     f"{r['tokens_per_s'] / limit:.0%} of limit"))
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread/process"
+    print(f"\nbench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}")
+    print(f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<22} |")
+    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 50}|{'-' * 24}|")
+    for r in rows:
+        print(f"| {r[0]:<42} | {r[1]:>10} | {r[2]:<48} | {r[3]:<22} |")
+
+
+if __name__ == "__main__":
+    main()
