@@ -37,13 +37,13 @@ def worker(a) -> None:
 
     import framework.config  # noqa: F401  registers the schemas
     from framework.cli import CONFIG_DIR
+    from framework.models.llama import build_model
     from framework.parallel.distributed import init_distributed, pick_device
     from framework.parallel.parallelize import parallelize, quiet_deepspeed
     from framework.parallel.topology import build_topology
     from framework.trainer.evaluate import lm_loss
     from framework.trainer.metrics import device_peak_tflops
     from framework.trainer.trainer import as_train_config, resolve_model_args, train
-    from framework.models.llama import build_model
 
     quiet_deepspeed()
     dp = int(os.environ.get("WORLD_SIZE", "1"))
