@@ -10,7 +10,7 @@ RUN=${RUN_DIR:-runs/cpu_default}
 cat > "$RUN/prompts.jsonl" <<'JSONL'
 {"prompt": "reverse: 1 2 3 4 5 ="}
 {"prompt": "reverse: 8 6 7 5 3 0 9 ="}
-{"prompt": "reverse: 4 2 ="}
+{"prompt": "reverse: 4 2 6 ="}
 {"prompt": "reverse: 9 9 1 0 2 7 ="}
 JSONL
 .venv/bin/torchrun --standalone --nproc_per_node=2 -m framework.generate model_dir="$RUN" \
