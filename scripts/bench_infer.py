@@ -128,8 +128,10 @@ def main() -> None:
     if device == "cpu":
         base = run_ours(path, 1, a.requests, a.new, 1, dtype, device, pfile)
         naive = run_ours(path, 2, a.requests, a.new, 1, dtype, device, pfile)
-        micro = run_ours(path, 2, a.requests, a.new, 4, dtype, device, pfile)
-        for name, r in (("(b) pp=2 naive split (1 micro-batch)", naive), ("(b) pp=2, 4 micro-batches", micro)):
+        micro2 = run_ours(path, 2, a.requests, a.new, 2, dtype, device, pfile)
+        micro4 = run_ours(path, 2, a.requests, a.new, 4, dtype, device, pfile)
+        for name, r in (("(b) pp=2 naive split (1 micro-batch)", naive), ("(b) pp=2, 2 micro-batches", micro2),
+                        ("(b) pp=2, 4 micro-batches", micro4)):
             rows.append((name, f"{r['tokens_per_s']:.1f}", f"pp=1 same batch: {base['tokens_per_s']:.1f}",
                          f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x  busy "
                          + "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])))

@@ -118,13 +118,17 @@ class StageRunner:
         t0 = time.perf_counter()
         now = time.perf_counter()
         tokens = []
+        greedy = logits.argmax(-1).tolist()  # one batched argmax serves every plain-greedy row
         for i, st in enumerate(states):
             if st.finish_reason is not None:
                 tokens.append(self.pad_id)
                 continue
             p = st.request.params
-            seen = torch.tensor(st.request.prompt_ids + st.generated, dtype=torch.long, device=logits.device)
-            tok = sample_token(logits[i], p, seen, st.generator)
+            if p.temperature <= 0 and p.repetition_penalty == 1.0:
+                tok = greedy[i]
+            else:
+                seen = torch.tensor(st.request.prompt_ids + st.generated, dtype=torch.long, device=logits.device)
+                tok = sample_token(logits[i], p, seen, st.generator)
             st.generated.append(tok)
             st.t_first = st.t_first or now
             st.t_last = now
