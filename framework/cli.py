@@ -86,7 +86,7 @@ def explain_compose_error(exc: Exception, schema) -> str:
     return text.split(" Set the environment variable HYDRA_FULL_ERROR")[0]
 
 
-def validate_overrides(config_name: str, overrides: list[str], schema) -> None:
+def validate_overrides(config_name: str, overrides: list[str], schema, config_dir: str = CONFIG_DIR) -> None:
     """Compose the config once up front so a bad key fails in one line before anything heavy starts."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -94,7 +94,7 @@ def validate_overrides(config_name: str, overrides: list[str], schema) -> None:
     plain = [o for o in overrides if not o.startswith("hydra") and not o.startswith("-")]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name=config_name, overrides=plain)
     except Exception as exc:  # noqa: BLE001 - every composition failure becomes one line
         fail(explain_compose_error(exc, schema))
@@ -116,13 +116,13 @@ def reports_user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def run_entry(hydra_main: Callable[[], None], config_name: str, schema) -> None:
+def run_entry(hydra_main: Callable[[], None], config_name: str, schema, config_dir: str = "") -> None:
     """Run a ``@hydra.main`` function after launcher clean-up and up-front validation."""
     sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:])
     args = sys.argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
     if not multirun and not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in args):
-        validate_overrides(config_name, args, schema)
+        validate_overrides(config_name, args, schema, os.path.join(CONFIG_DIR, config_dir))
     try:
         hydra_main()
     except UserError as exc:

@@ -90,6 +90,20 @@ def resolve_model_args(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
     return args
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_engine(engine, cfg: TrainConfig, args: ModelArgs, topo: Topology, out_dir: str, step: int,
+                  max_shard_mb: int | None = None) -> str:
+    """Write the HF export of a training engine's model (every rank calls this)."""
+    from deepspeed.utils import groups
+
+    return export_from_module(engine.module, args, out_dir, os.path.join(cfg.run_dir, "tokenizer"), tp=topo.tp,
+                              tp_group=groups.get_tensor_model_parallel_group() if topo.tp > 1 else None,
+                              max_shard_mb=max_shard_mb or cfg.checkpoint.max_shard_size_mb,
+                              dtype=PRECISION_DTYPES[cfg.parallel.precision], extra_manifest={"step": step})
+
+
 def train(cfg) -> dict:
     """Run one training job; returns the last logged metrics and the paths it wrote."""
     cfg = as_train_config(cfg)
@@ -192,14 +206,7 @@ def train(cfg) -> dict:
 
     export_dir = None
     if cfg.checkpoint.export:
-        from deepspeed.utils import groups
-
-        export_dir = os.path.join(run_dir, "export")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.parallel.precision]
-        export_from_module(engine.module, args, export_dir, os.path.join(run_dir, "tokenizer"), tp=topo.tp,
-                           tp_group=groups.get_tensor_model_parallel_group() if topo.tp > 1 else None,
-                           max_shard_mb=cfg.checkpoint.max_shard_size_mb, dtype=dtype,
-                           extra_manifest={"step": step})
+        export_dir = export_engine(engine, cfg, args, topo, os.path.join(run_dir, "export"), step)
         log(f"[miaotui] exported {export_dir}")
     barrier()
     summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, **last}

@@ -16,11 +16,12 @@ def exports(tmp_path_factory):
     for name, nproc, extra in (("tp2", 2, ["parallel.tp=2", "model.tie_embeddings=true"]),
                                ("single", 1, ["model.tie_embeddings=true"])):
         run = tmp_path_factory.mktemp(name)
-        args = [a for a in TINY_TRAIN if not a.startswith("checkpoint.export")]
+        args = [a for a in TINY_TRAIN if not a.startswith(("checkpoint.export", "checkpoint.save_final"))]
         proc = run_module("framework.train", [*args, "trainer.max_steps=6", f"run_dir={run}",
                                               "checkpoint.max_shard_size_mb=0", *extra], nproc=nproc)
         assert_ok(proc)
         out[name] = run / "export"
+        out[name + "_run"] = run
     return out
 
 
@@ -62,3 +63,18 @@ def test_tensor_parallel_export_equals_single_process(exports):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_export_command_from_checkpoint(exports, tmp_path):
+    from safetensors.torch import load_file
+
+    run = exports["tp2_run"]
+    out = tmp_path / "again"
+    # launched at the layout the checkpoint was saved with; another world size is refused in one line
+    proc = run_module("framework.export", [f"checkpoint={run}", f"out={out}"], nproc=1)
+    assert proc.returncode != 0 and "launch with torchrun --nproc_per_node=2" in proc.stderr
+    assert_ok(run_module("framework.export", [f"checkpoint={run}", f"out={out}"], nproc=2))
+    assert json.loads((out / "config.json").read_text()) == json.loads((exports["tp2"] / "config.json").read_text())
+    a = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    b = {k: v for f in sorted(exports["tp2"].glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
