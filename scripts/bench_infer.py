@@ -103,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bf16" if a.flavor == "1b" else "fp32"
@@ -117,7 +117,7 @@ def main() -> None:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
     rows = []
     for batch in (1, 8):
-        n = 4 if batch == 1 else a.requests
+        n = 4 if batch == 1 else 16
         sub = os.path.join(tmp, f"p{batch}.jsonl")
         with open(sub, "w") as f:
             f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])

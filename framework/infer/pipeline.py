@@ -48,6 +48,7 @@ class MicroBatch:
     length: int  # padded prompt length
     cache_len: int = 0  # positions written to the cache so far
     caches: dict | None = None
+    padded: bool = True  # any row left-padded (decode then needs a mask)
 
 
 def build_micro_batch(rows: list[Request], pad_id: int, device) -> tuple[MicroBatch, torch.Tensor]:
@@ -58,7 +59,7 @@ def build_micro_batch(rows: list[Request], pad_id: int, device) -> tuple[MicroBa
         n = len(r.prompt_ids)
         ids[i, length - n:] = torch.tensor(r.prompt_ids)
         pad[i] = length - n
-    return MicroBatch(rows=rows, pad=pad.to(device), length=length), ids.to(device)
+    return MicroBatch(rows=rows, pad=pad.to(device), length=length, padded=bool(pad.any())), ids.to(device)
 
 
 def prefill_inputs(mb: MicroBatch):
@@ -66,6 +67,8 @@ def prefill_inputs(mb: MicroBatch):
     L = mb.length
     ar = torch.arange(L, device=mb.pad.device)
     positions = (ar[None, :] - mb.pad[:, None]).clamp(min=0)
+    if not mb.padded:
+        return positions, None  # plain causal attention
     causal = ar[None, :] <= ar[:, None]  # (L, L)
     keys_ok = ar[None, :] >= mb.pad[:, None]  # (b, L)
     mask = causal[None] & keys_ok[:, None, :]
@@ -77,6 +80,8 @@ def decode_inputs(mb: MicroBatch):
     """positions (b, 1) and mask (b, 1, 1, S) for one new token at cache position ``mb.cache_len``."""
     S = mb.cache_len + 1
     positions = (mb.cache_len - mb.pad)[:, None]
+    if not mb.padded:
+        return positions, None  # no padding: the new token sees the whole cache
     mask = torch.arange(S, device=mb.pad.device)[None, :] >= mb.pad[:, None]
     return positions, mask[:, None, None, :]
 

@@ -172,7 +172,8 @@ class Attention(nn.Module):
             k, v = cache.update(cache_start, k, v, rows)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            # One new query against a cache attends to every cached key; otherwise plain causal attention.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
