@@ -86,6 +86,8 @@ class TrainerConfig:
 
     max_steps: int = 400
     """Optimizer steps to train."""
+    stop_at: int | None = None
+    """Stop (after saving a checkpoint) at this step without changing the schedule: a time-sliced job's share."""
     global_batch_size: int = 32
     """Sequences per optimizer step across all data-parallel ranks."""
     micro_batch_size: int = 16
@@ -150,6 +152,8 @@ class CheckpointConfig:
     """Save a checkpoint at the end of training."""
     max_shard_size_mb: int = 2000
     """Largest export shard, in MiB."""
+    universal: bool = True
+    """Also save every parameter's full fp32 state: resume on another layout, export at any world size."""
 
 
 @dataclass

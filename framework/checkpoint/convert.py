@@ -61,7 +61,7 @@ def export_checkpoint(cfg) -> str:
     args = resolve_model_args(train_cfg, len(tokenizer))
     model = build_model(args, device=device, seed=train_cfg.seed)
     engine = parallelize(model, train_cfg.parallel, train_cfg.trainer, topo, lambda s: 1.0)
-    CheckpointManager(run_dir, 0, topo.is_rank0).load(engine, step_dir)
+    CheckpointManager(run_dir, 0, topo.is_rank0).load(engine, step_dir, state)
     out = cfg.out or os.path.join(run_dir, "export")
     export_engine(engine, train_cfg, args, topo, out, state["step"], max_shard_mb=cfg.max_shard_size_mb)
     if topo.is_rank0:

@@ -2,7 +2,9 @@
 
 Layout (one directory per step, every rank writing its own shards through DeepSpeed)::
 
-    checkpoints/step-000200/   DeepSpeed's per-rank model and optimizer shards, trainer_state.json, manifest.json
+    checkpoints/step-000200/   DeepSpeed's per-rank model and optimizer shards (exact resume at the same layout),
+                               universal/ (every parameter's full fp32 weight and moments: resume on any layout,
+                               export), trainer_state.json, manifest.json
     checkpoints/latest         names the newest complete checkpoint; replaced atomically, last
 
 ``latest`` moves only after every rank finished writing and the manifest is written, so a crash mid-save leaves
@@ -20,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from framework.checkpoint.manifest import verify_manifest, write_manifest
+from framework.checkpoint.universal import save_universal
 from framework.cli import UserError
 from framework.parallel.distributed import barrier, broadcast_object
+from framework.trainer.faults import maybe_fail
 
 STEP_PREFIX = "step-"
 
@@ -51,14 +55,20 @@ class CheckpointManager:
         self.keep, self.is_rank0 = keep, is_rank0
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict) -> str:
-        """Every rank writes its shards; rank 0 adds trainer_state.json and the manifest, then moves latest."""
+    def save(self, engine, step: int, state: dict, universal: dict | None = None) -> str:
+        """Every rank writes its shards; rank 0 adds trainer_state.json and the manifest, then moves latest.
+
+        ``universal`` (tp, tp_group, max_shard_mb) also writes the layout-free per-parameter state.
+        """
         tag = step_dir_name(step)
         path = os.path.join(self.root, tag)
         if self.is_rank0 and os.path.isdir(path):
             shutil.rmtree(path)  # a stale half-written directory of the same step
         barrier()
         engine.save_checkpoint(self.root, tag=tag, save_latest=False)
+        if universal is not None:
+            save_universal(engine, path, optimizer_step=step, **universal)
+        maybe_fail("save", step)
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
         barrier()
@@ -106,19 +116,28 @@ class CheckpointManager:
             raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory")
         return path
 
-    def load(self, engine, path: str) -> dict:
-        """Verify the manifest (rank 0), then load every rank's shards and return trainer_state."""
-        error = None
+    def inspect(self, path: str, model_shape: dict) -> dict:
+        """Before any heavy work: verify the manifest and the model shape (rank 0); return trainer_state."""
+        error, state = None, None
         if self.is_rank0:
             try:
                 verify_manifest(path)
+                with open(os.path.join(path, "trainer_state.json")) as f:
+                    state = json.load(f)
+                saved = state.get("model", {})
+                diff = [f"{k} {saved[k]} vs {v}" for k, v in model_shape.items() if k in saved and saved[k] != v]
+                if diff:
+                    raise UserError(f"checkpoint {path} is of another model ({', '.join(diff)} in this run): "
+                                    "resume it with its own model config, or set checkpoint.resume=none")
             except UserError as exc:
                 error = str(exc)
-        error = broadcast_object(error)
+        error, state = broadcast_object((error, state))
         if error:
             raise UserError(error)
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
+        return state
+
+    def load(self, engine, path: str, state: dict) -> dict:
+        """Load every rank's DeepSpeed shards (same layout as saved) and this rank's RNG; returns trainer_state."""
         root, tag = os.path.split(os.path.normpath(path))
         try:
             load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,

@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoint.export import export_from_module
 from framework.checkpoint.manager import CheckpointManager
+from framework.checkpoint.universal import load_universal_optimizer, load_universal_weights
 from framework.cli import UserError
-from framework.config import TrainConfig
+from framework.config import TrainConfig, TrainerConfig
 from framework.data.dataset import prepare_data
 from framework.data.loader import ShardedLoader
 from framework.data.sources import validate_data_config
@@ -29,6 +30,7 @@ from framework.parallel.distributed import barrier, init_distributed, pick_devic
 from framework.parallel.parallelize import accumulation_steps, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
+from framework.trainer.faults import maybe_fail
 from framework.trainer.loggers import MetricLogger
 from framework.trainer.metrics import device_peak_tflops, peak_memory_gb, warmup_cosine
 
@@ -63,6 +65,8 @@ def validate(cfg: TrainConfig, world_size: int, rank: int) -> Topology:
         raise UserError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.max_steps < 1:
         raise UserError("trainer.max_steps must be >= 1")
+    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+        raise UserError(f"trainer.stop_at={t.stop_at} must be between 1 and trainer.max_steps={t.max_steps}")
     if p.zero_stage == 3 and p.tp > 1:
         pass  # supported by DeepSpeed; gathered through both dimensions at export
     validate_data_config(cfg.data)
@@ -96,12 +100,48 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 def export_engine(engine, cfg: TrainConfig, args: ModelArgs, topo: Topology, out_dir: str, step: int,
                   max_shard_mb: int | None = None) -> str:
     """Write the HF export of a training engine's model (every rank calls this)."""
-    from deepspeed.utils import groups
-
     return export_from_module(engine.module, args, out_dir, os.path.join(cfg.run_dir, "tokenizer"), tp=topo.tp,
-                              tp_group=groups.get_tensor_model_parallel_group() if topo.tp > 1 else None,
+                              tp_group=tp_group(topo),
                               max_shard_mb=max_shard_mb or cfg.checkpoint.max_shard_size_mb,
                               dtype=PRECISION_DTYPES[cfg.parallel.precision], extra_manifest={"step": step})
+
+
+def model_shape(args: ModelArgs) -> dict:
+    """What a checkpoint must agree on to be loaded into this model."""
+    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size",
+                                          "tie_embeddings", "qkv_bias")}
+
+
+def tp_group(topo: Topology):
+    from deepspeed.utils import groups
+
+    return groups.get_tensor_model_parallel_group() if topo.tp > 1 else None
+
+
+def null_step(engine, t: TrainerConfig, device: torch.device) -> None:
+    """One optimizer step that changes no weight (lr 0, zero gradients): makes DeepSpeed build its optimizer state."""
+    groups = engine.optimizer.param_groups
+    lrs = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    x = torch.zeros((t.micro_batch_size, t.seq_len + 1), dtype=torch.long, device=device)
+    for _ in range(engine.gradient_accumulation_steps()):
+        loss = lm_loss(engine(x[:, :-1]), x[:, 1:]) * 0.0
+        engine.backward(loss)
+        engine.step()
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
+
+
+def restore_schedule(engine, step: int, global_batch_size: int) -> None:
+    """Put DeepSpeed's counters and the LambdaLR schedule at ``step`` (the layout-changing resume)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch = step
+    lrs = [base * lam(step) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for g, lr in zip(sched.optimizer.param_groups, lrs):
+        g["lr"] = lr
+    sched._last_lr = lrs
+    engine.global_steps, engine.global_samples = step, step * global_batch_size
 
 
 def train(cfg) -> dict:
@@ -127,23 +167,35 @@ def train(cfg) -> dict:
     log(f"[miaotui] model {args.name}: {args.num_params() / 1e6:.2f}M parameters "
         f"({args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / {args.kv_heads} kv)")
 
+    t = cfg.trainer
+    layout = {"dp": topo.dp, "tp": topo.tp, "zero_stage": cfg.parallel.zero_stage}
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, topo.is_rank0)
+    resume_from = ckpt.resolve(cfg.checkpoint.resume)
+    state = ckpt.inspect(resume_from, model_shape(args)) if resume_from else None
+    same_layout = state is not None and state.get("layout") == layout and state.get("world_size") == world
+
     model = build_model(args, device=device, seed=cfg.seed)
-    if cfg.trainer.init_from:
+    if state is not None and not same_layout:
+        load_universal_weights(model, resume_from)
+    elif cfg.trainer.init_from:
         load_hf_weights(model, cfg.trainer.init_from)
         log(f"[miaotui] initialised from {cfg.trainer.init_from}")
-    t = cfg.trainer
     engine = parallelize(model, cfg.parallel, t, topo,
                          lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
     loader = ShardedLoader(data.train, t.global_batch_size, topo.dp, topo.dp_rank, cfg.seed)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, topo.is_rank0)
     start_step, tokens_seen = 0, 0
-    resume_from = ckpt.resolve(cfg.checkpoint.resume)
-    if resume_from:
-        state = ckpt.load(engine, resume_from)
+    if state is not None:
+        if same_layout:
+            ckpt.load(engine, resume_from, state)
+        else:
+            load_universal_optimizer(engine, resume_from, topo.tp, topo.tp_rank, state["step"],
+                                     materialize=lambda: null_step(engine, t, device))
+            restore_schedule(engine, state["step"], t.global_batch_size)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
-        log(f"[miaotui] resumed from {resume_from} at step {start_step}")
+        how = "" if same_layout else f" (saved at {state.get('layout')}, now {layout}: per-parameter state)"
+        log(f"[miaotui] resumed from {resume_from} at step {start_step}{how}")
 
     gas = accumulation_steps(topo, t)
     flops_per_token = args.flops_per_token(t.seq_len)
@@ -153,8 +205,9 @@ def train(cfg) -> dict:
     last: dict = {}
     step = start_step
     window_tokens, window_time = 0, 0.0
+    stop = t.stop_at or t.max_steps
     engine.train()
-    while step < t.max_steps:
+    while step < stop:
         t0 = time.perf_counter()
         batch = loader.next_batch().to(device)
         lr = engine.get_lr()[0]
@@ -195,17 +248,21 @@ def train(cfg) -> dict:
             last.update(ev)
         if not math.isfinite(loss_value):
             raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+        maybe_fail("step", step)
         save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
-        save_end = step == t.max_steps and cfg.checkpoint.save_final
+        save_end = step == stop and (cfg.checkpoint.save_final or step < t.max_steps)
         if save_now or save_end:
+            universal = None
+            if cfg.checkpoint.universal:
+                universal = {"tp": topo.tp, "tp_group": tp_group(topo),
+                             "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
             path = ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                                            "layout": {"dp": topo.dp, "tp": topo.tp,
-                                                       "zero_stage": cfg.parallel.zero_stage}})
+                                            "layout": layout, "model": model_shape(args)}, universal)
             logger.write(f"[miaotui] saved checkpoint {path}")
     logger.close()
 
     export_dir = None
-    if cfg.checkpoint.export:
+    if cfg.checkpoint.export and step == t.max_steps:
         export_dir = export_engine(engine, cfg, args, topo, os.path.join(run_dir, "export"), step)
         log(f"[miaotui] exported {export_dir}")
     barrier()

@@ -1,0 +1,203 @@
+"""Layout-free training state: every parameter's full fp32 value and AdamW moments, one tensor per name.
+
+DeepSpeed's own shards (``mp_rank_*``, ``*_optim_states.pt``) are exact but bound to the (dp, tp, ZeRO stage) that
+wrote them. Next to them every checkpoint holds ``universal/``: for each parameter (by its Hugging Face name) the
+full fp32 master weight and the ``exp_avg`` / ``exp_avg_sq`` moments, gathered across ZeRO partitions and
+tensor-parallel shards, in safetensors files written in parallel (file i by rank i mod world) and indexed by
+``model.safetensors.index.json``. Any layout resumes from it by slicing what it owns; the export reads it with
+no DeepSpeed engine at all.
+
+Why our own format rather than DeepSpeed's universal checkpoint: that one is produced by an offline conversion
+(``ds_to_universal``) run after the fact, and its tensor-parallel slicing rules target Megatron layouts. Ours is
+written at save time, so a checkpoint is resumable on any layout the moment ``latest`` moves, and the same files
+serve the export and inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from framework.cli import UserError
+from framework.parallel.parallelize import tp_partition_dim
+
+UNIVERSAL = "universal"
+INDEX = "model.safetensors.index.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (it holds ``state`` keyed by flat partitions or params)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _link_optimizer_state(engine) -> None:
+    """Re-link DeepSpeed's per-parameter views of the flat optimizer state.
+
+    ZeRO 1/2 and the bf16 optimizer link them once, right after the first param group's first step, when the
+    other groups' state does not exist yet; the parameters of those groups (norms, biases) would then have no
+    moments to read or write.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _is_managed(param) -> bool:
+    """ZeRO 1-3 and DeepSpeed's bf16 optimizer keep a separate fp32 master; a plain fp32 param is its own."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _local_full(engine, param, key: str | None) -> torch.Tensor:
+    """This tensor-parallel rank's full (ZeRO-gathered) fp32 weight (key None) or optimizer moment."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if _is_managed(param):
+        out = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+        return out.float()
+    if key is None:
+        return param.detach().float()
+    state = _inner_optimizer(engine).state.get(param, {})
+    return state[key].float() if key in state else torch.zeros_like(param, dtype=torch.float32)
+
+
+def _gather_tp(local: torch.Tensor, name: str, tp: int, tp_group) -> torch.Tensor:
+    dim = tp_partition_dim(name)
+    if tp == 1 or dim is None:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def _tp_slice(full: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    dim = tp_partition_dim(name)
+    if tp == 1 or dim is None:
+        return full
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int, max_shard_mb: int = 2000) -> None:
+    """Every rank calls this; each gathers every tensor (collectives) and keeps those of the files it owns."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = os.path.join(step_dir, UNIVERSAL)
+    os.makedirs(out, exist_ok=True)
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    _link_optimizer_state(engine)
+    # Plan files by full size (3 fp32 tensors a parameter), identically on every rank.
+    sizes = []
+    for name, p in params:
+        numel = p.ds_numel if hasattr(p, "ds_id") else p.numel()
+        sizes.append(numel * 4 * 3 * (tp if tp_partition_dim(name) is not None else 1))
+    files, cur, cur_bytes = [], [], 0
+    for (name, _), size in zip(params, sizes):
+        if cur and cur_bytes + size > max_shard_mb * 2**20:
+            files.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += size
+    files.append(cur)
+    owner_of = {name: i for i, names in enumerate(files) for name in names}
+    fnames = [f"state-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    weight_map = {}
+    for name, p in params:
+        i = owner_of[name]
+        for key in (None, *MOMENTS):
+            full = _gather_tp(_local_full(engine, p, key), name, tp, tp_group)
+            tname = name if key is None else f"{name}::{key}"
+            weight_map[tname] = fnames[i]
+            if i % world == rank:
+                mine.setdefault(i, {})[tname] = full.detach().cpu().contiguous()
+    for i, tensors in mine.items():
+        save_file(tensors, os.path.join(out, fnames[i]), metadata={"format": "pt"})
+    if rank == 0:
+        with open(os.path.join(out, INDEX), "w") as f:
+            json.dump({"metadata": {"optimizer_step": optimizer_step}, "weight_map": weight_map}, f, indent=1)
+
+
+def read_index(step_dir: str) -> dict:
+    path = os.path.join(step_dir, UNIVERSAL, INDEX)
+    if not os.path.isfile(path):
+        raise UserError(f"{step_dir} has no {UNIVERSAL}/ state (saved with checkpoint.universal=false): "
+                        "resume it at the layout it was saved with")
+    with open(path) as f:
+        return json.load(f)
+
+
+class UniversalReader:
+    """Memory-mapped access to a checkpoint's per-parameter tensors by name."""
+
+    def __init__(self, step_dir: str):
+        self.dir = os.path.join(step_dir, UNIVERSAL)
+        self.index = read_index(step_dir)
+        self.weight_map: dict[str, str] = self.index["weight_map"]
+        self._files: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise UserError(f"{self.dir} has no tensor '{name}': the checkpoint is of another model")
+        if fname not in self._files:
+            self._files[fname] = safe_open(os.path.join(self.dir, fname), "pt", device="cpu")
+        return self._files[fname].get_tensor(name)
+
+
+def load_universal_weights(model: torch.nn.Module, step_dir: str) -> None:
+    """Before parallelization: copy the full fp32 weights into the single-device model (AutoTP and ZeRO shard
+    them from there)."""
+    reader = UniversalReader(step_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = reader.get(name)
+            if tuple(full.shape) != tuple(p.shape):
+                raise UserError(f"shape mismatch for {name}: checkpoint {tuple(full.shape)} vs model {tuple(p.shape)}")
+            p.copy_(full.to(p.dtype))
+
+
+def load_universal_optimizer(engine, step_dir: str, tp: int, tp_rank: int, optimizer_step: int,
+                             materialize) -> None:
+    """After parallelization: set every rank's fp32 masters and AdamW moments from the full tensors.
+
+    ``materialize()`` must run one optimizer step that changes nothing (lr 0, zero gradients) so that DeepSpeed
+    creates and links its lazily built optimizer state; the values are overwritten here right after.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    materialize()
+    _link_optimizer_state(engine)
+    reader = UniversalReader(step_dir)
+    opt = _inner_optimizer(engine)
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            weight = _tp_slice(reader.get(name), name, tp, tp_rank)
+            moments = {k: _tp_slice(reader.get(f"{name}::{k}"), name, tp, tp_rank) for k in MOMENTS}
+            if _is_managed(p):
+                safe_set_full_fp32_param(p, weight.to(p.device))
+                for k, v in moments.items():
+                    safe_set_full_optimizer_state(p, v.to(p.device), k)
+            else:
+                p.copy_(weight.to(p.dtype))
+                state = opt.state[p]
+                for k, v in moments.items():
+                    state[k].copy_(v)
+        for state in opt.state.values():
+            if "step" in state:
+                if torch.is_tensor(state["step"]):
+                    state["step"].fill_(optimizer_step)
+                else:
+                    state["step"] = optimizer_step
