@@ -1,7 +1,11 @@
-"""Export any saved checkpoint: rebuild the engine at the layout it was saved with, load it, write the export.
+"""Export any saved checkpoint as Hugging Face safetensors.
 
     python -m framework.export checkpoint=runs/x                      # the run's latest checkpoint
     torchrun --nproc_per_node=4 -m framework.export checkpoint=runs/x/checkpoints/step-000200 out=/tmp/e
+
+A checkpoint with per-parameter state (``universal/``, the default) is exported by any number of processes and
+without DeepSpeed: each rank reads the tensors of the shard files it owns, memory-mapped. One saved with
+``checkpoint.universal=false`` is exported by rebuilding the engine at the layout it was saved with.
 """
 
 from __future__ import annotations
@@ -29,29 +33,85 @@ def find_checkpoint(path: str | None) -> tuple[str, str]:
     raise UserError(f"{path} is neither a run directory with checkpoints/latest nor a checkpoint step directory")
 
 
+def read_state(step_dir: str) -> dict:
+    path = os.path.join(step_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: the checkpoint is incomplete")
+    with open(path) as f:
+        return json.load(f)
+
+
+def has_universal(step_dir: str) -> bool:
+    from framework.checkpoint.universal import INDEX, UNIVERSAL
+
+    return os.path.isfile(os.path.join(step_dir, UNIVERSAL, INDEX))
+
+
+def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
+    """Export from the per-parameter state; every launched rank calls this (no collectives but barriers)."""
+    from framework.checkpoint.export import write_export
+    from framework.checkpoint.manifest import verify_manifest
+    from framework.checkpoint.universal import UniversalReader
+    from framework.models.llama import ModelArgs
+    from framework.parallel.distributed import broadcast_object
+    from framework.trainer.trainer import PRECISION_DTYPES
+
+    error = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            verify_manifest(step_dir)
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+    state = read_state(step_dir)
+    if "model_args" not in state:
+        raise UserError(f"{step_dir} predates per-parameter state: export it with the launcher it was trained with")
+    args = ModelArgs(**state["model_args"])
+    reader = UniversalReader(step_dir)
+    run_dir = os.path.dirname(os.path.dirname(os.path.normpath(step_dir)))
+    return write_export(reader.get, args, out, os.path.join(run_dir, "tokenizer"), max_shard_mb,
+                        PRECISION_DTYPES[state.get("precision", "fp32")], {"step": state["step"]})
+
+
 def export_checkpoint(cfg) -> str:
     if not isinstance(cfg, ExportConfig):
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), cfg))
     run_dir, step_dir = find_checkpoint(cfg.checkpoint)
+    out = cfg.out or os.path.join(run_dir, "export")
+    state = read_state(step_dir)
+    if has_universal(step_dir) and "model_args" in state:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from framework.parallel.distributed import init_distributed, pick_device
+
+            init_distributed(pick_device("cpu"), "gloo", 600)
+        export_step_dir(step_dir, out, cfg.max_shard_size_mb)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[miaotui] exported {step_dir} -> {out}", flush=True)
+        return out
+    return _export_with_engine(cfg, run_dir, step_dir, state, out)
+
+
+def _export_with_engine(cfg: ExportConfig, run_dir: str, step_dir: str, state: dict, out: str) -> str:
     conf_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(conf_path):
         raise UserError(f"{conf_path} is missing: the export needs the run's resolved config")
-    with open(os.path.join(step_dir, "trainer_state.json")) as f:
-        state = json.load(f)
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
                                                                  OmegaConf.load(conf_path)))
     train_cfg.run_dir = run_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != state["world_size"]:
         raise UserError(f"{step_dir} was saved by {state['world_size']} processes (dp={state['layout']['dp']}, "
-                        f"tp={state['layout']['tp']}): launch with torchrun --nproc_per_node={state['world_size']}")
+                        f"tp={state['layout']['tp']}) without per-parameter state: launch with "
+                        f"torchrun --nproc_per_node={state['world_size']}")
 
     from framework.checkpoint.manager import CheckpointManager
     from framework.data.tokenizer import load_tokenizer
     from framework.models.llama import build_model
     from framework.parallel.distributed import init_distributed, pick_device
     from framework.parallel.parallelize import parallelize, quiet_deepspeed
-    from framework.trainer.trainer import export_engine, resolve_model_args, validate
+    from framework.trainer.trainer import export_engine, model_shape, resolve_model_args, validate
 
     quiet_deepspeed()
     device = pick_device(train_cfg.parallel.device)
@@ -59,10 +119,11 @@ def export_checkpoint(cfg) -> str:
     topo = validate(train_cfg, world, rank)
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     args = resolve_model_args(train_cfg, len(tokenizer))
+    ckpt = CheckpointManager(run_dir, 0, topo.is_rank0)
+    state = ckpt.inspect(step_dir, model_shape(args))
     model = build_model(args, device=device, seed=train_cfg.seed)
     engine = parallelize(model, train_cfg.parallel, train_cfg.trainer, topo, lambda s: 1.0)
-    CheckpointManager(run_dir, 0, topo.is_rank0).load(engine, step_dir, state)
-    out = cfg.out or os.path.join(run_dir, "export")
+    ckpt.load(engine, step_dir, state)
     export_engine(engine, train_cfg, args, topo, out, state["step"], max_shard_mb=cfg.max_shard_size_mb)
     if topo.is_rank0:
         print(f"[miaotui] exported {step_dir} -> {out}", flush=True)

@@ -1,8 +1,9 @@
 """Export, the hand-off to inference: the full model as Hugging Face sharded safetensors.
 
-Every rank takes part in gathering each tensor across its tensor-parallel shards and ZeRO-3 partitions, but
-keeps only the tensors of the shard files it owns (shard i belongs to rank i mod world) and writes them itself:
-no rank ever holds the whole model or any optimizer state. Rank 0 then writes the index, config.json,
+From a training engine (``export_from_module``) or from a checkpoint's per-parameter state with no engine at all
+(``framework.checkpoint.convert``). Every rank takes part in gathering each tensor across its tensor-parallel
+shards and ZeRO-3 partitions, but keeps only the tensors of the shard files it owns (shard i belongs to rank
+i mod world) and writes them itself: no rank ever holds the whole model or any optimizer state. Rank 0 then writes the index, config.json,
 generation_config.json, the tokenizer files and the manifest.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,10 +76,18 @@ def export_from_module(module: torch.nn.Module, args: ModelArgs, out_dir: str, t
                        tp: int = 1, tp_group=None, max_shard_mb: int = 2000, dtype: torch.dtype | None = None,
                        extra_manifest: dict | None = None) -> str:
     """Write ``out_dir`` from a (possibly TP-sharded, ZeRO-partitioned) model; every rank must call this."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     params = dict(module.named_parameters())
     dtype = dtype or next(iter(params.values())).dtype
+    return write_export(lambda name: _full_tensor(params[name], name, tp_group, tp), args, out_dir, tokenizer_dir,
+                        max_shard_mb, dtype, extra_manifest)
+
+
+def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_dir: str, tokenizer_dir: str | None,
+                 max_shard_mb: int, dtype: torch.dtype, extra_manifest: dict | None = None) -> str:
+    """Every rank calls ``get_full(name)`` for every tensor in the same order (it may be collective) and writes the
+    shard files it owns into ``out_dir.tmp``; rank 0 adds the rest and renames the directory into place."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     names_shapes = export_names_and_shapes(args)
     shards = plan_shards(names_shapes, torch.tensor([], dtype=dtype).element_size(), max_shard_mb * 2**20)
     n = len(shards)
@@ -92,7 +102,7 @@ def export_from_module(module: torch.nn.Module, args: ModelArgs, out_dir: str, t
         owner = i % world
         tensors = {}
         for name in names:
-            full = _full_tensor(params[name], name, tp_group, tp)
+            full = get_full(name)
             if rank == owner:
                 tensors[name] = full.to(dtype).contiguous()
             weight_map[name] = files[i]

@@ -15,20 +15,29 @@ from framework.models.llama import Llama, ModelArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_model_dir(path: str | None) -> str:
-    """An export directory, or a run directory (its export/). Raises UserError naming the fix."""
+def resolve_model_dir(path: str | None) -> tuple[str, str | None]:
+    """(export directory, checkpoint to export into it first or None) from an export, a run directory (its
+    export/, else its latest checkpoint) or a checkpoint step directory. Raises UserError naming the fix."""
     if not path:
         raise UserError("model_dir is required: an export directory or a run directory")
     if not os.path.isdir(path):
         raise UserError(f"model directory not found: {path}")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+        return path, None
     export = os.path.join(path, "export")
     if os.path.isfile(os.path.join(export, "config.json")):
-        return export
+        return export, None
     if os.path.isfile(os.path.join(path, "trainer_state.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
-        raise UserError(f"{path} is a training checkpoint without an export: run "
-                        f"`python -m framework.export checkpoint={path}` (same launcher as training) first")
+        from framework.checkpoint.convert import find_checkpoint, has_universal
+
+        _, step_dir = find_checkpoint(path)
+        export = os.path.join(step_dir, "export")
+        if os.path.isfile(os.path.join(export, "config.json")):
+            return export, None
+        if not has_universal(step_dir):
+            raise UserError(f"{step_dir} has no per-parameter state to export from: run "
+                            f"`python -m framework.export checkpoint={step_dir}` (same launcher as training) first")
+        return export, step_dir
     raise UserError(f"{path} holds no config.json nor export/: point model_dir at an export or a run directory")
 
 

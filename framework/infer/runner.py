@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from framework.checkpoint.convert import export_step_dir
 from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.data.tokenizer import load_tokenizer
@@ -77,12 +78,18 @@ def generate(cfg) -> dict:
     inf = cfg.infer
     if inf.dtype not in DTYPES:
         raise UserError(f"infer.dtype={inf.dtype}: use fp32, bf16 or fp16")
-    model_dir = resolve_model_dir(cfg.model_dir)
-    args = read_model_args(model_dir)
+    model_dir, export_from = resolve_model_dir(cfg.model_dir)
+    if export_from is None:
+        args = read_model_args(model_dir)
     device = pick_device(inf.device)
     rank, world = init_distributed(device, inf.backend, inf.timeout_s)
     if world != inf.pp:
         raise UserError(f"infer.pp={inf.pp} but {world} processes were launched: use torchrun --nproc_per_node={inf.pp}")
+    if export_from is not None:  # a training checkpoint: every rank writes its share of the export first
+        if rank == 0:
+            print(f"[miaotui] exporting {export_from} -> {model_dir}", file=sys.stderr, flush=True)
+        export_step_dir(export_from, model_dir)
+        args = read_model_args(model_dir)
     dtype = DTYPES[inf.dtype]
     stages = plan_stages(args, inf.pp, inf.split, torch.tensor([], dtype=dtype).element_size())
     stage = stages[rank]

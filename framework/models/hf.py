@@ -128,7 +128,7 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str, names: list[str] | N
     from safetensors import safe_open
 
     wmap = weight_map(model_dir)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head is listed under both names
     params.update(dict(model.named_buffers()))
     wanted = names if names is not None else [n for n in params if n in model.state_dict()]
     by_file: dict[str, list[tuple[str, str]]] = {}

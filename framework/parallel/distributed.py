@@ -63,9 +63,20 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int
     if world == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store_kw = {}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+        # torchrun restarted us after a failure: its store still holds the dead workers' gloo addresses under the
+        # same keys, and a restarted rank can read them before its peers overwrite them. A prefix per attempt
+        # keeps each attempt's rendezvous apart.
+        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                            timeout=timeout)
+        store_kw = {"store": dist.PrefixStore(f"/miaotui/attempt_{restart}", tcp), "rank": rank, "world_size": world}
     dist.init_process_group(
         backend=pick_backend(device, backend),
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
+        **store_kw,
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     return dist.get_rank(), dist.get_world_size()

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -257,7 +257,9 @@ def train(cfg) -> dict:
                 universal = {"tp": topo.tp, "tp_group": tp_group(topo),
                              "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
             path = ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                                            "layout": layout, "model": model_shape(args)}, universal)
+                                            "layout": layout, "model": model_shape(args),
+                                            "model_args": asdict(args), "precision": cfg.parallel.precision},
+                            universal)
             logger.write(f"[miaotui] saved checkpoint {path}")
     logger.close()
 
