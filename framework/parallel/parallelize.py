@@ -47,11 +47,6 @@ def build_deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, top
         "gradient_accumulation_steps": accumulation_steps(topo, trainer),
         "gradient_clipping": trainer.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": trainer.lr, "betas": [trainer.beta1, trainer.beta2], "eps": trainer.eps,
-                       "weight_decay": trainer.weight_decay},
-        },
         "steps_per_print": 10**9,  # our loggers report; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
@@ -102,9 +97,14 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     model.activation_checkpointing = parallel.activation_checkpointing
     # 3. ZeRO.
     ds_config = build_deepspeed_config(parallel, trainer, topo)
+    # torch's AdamW, handed to DeepSpeed (which wraps it for ZeRO): fused kernels on CUDA, and no JIT-built op to
+    # load in every process on CPU.
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, trainer.weight_decay), lr=trainer.lr,
+                                  betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, fused=on_cuda or None)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, trainer.weight_decay),
+        optimizer=optimizer,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
         mpu=groups if topo.tp > 1 else None,

@@ -185,7 +185,9 @@ def train(cfg) -> dict:
 
     loader = ShardedLoader(data.train, t.global_batch_size, topo.dp, topo.dp_rank, cfg.seed)
     start_step, tokens_seen = 0, 0
+    timings: dict[str, float] = {}
     if state is not None:
+        t_load = time.perf_counter()
         if same_layout:
             ckpt.load(engine, resume_from, state)
         else:
@@ -194,8 +196,10 @@ def train(cfg) -> dict:
             restore_schedule(engine, state["step"], t.global_batch_size)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
+        barrier()
+        timings["load_s"] = time.perf_counter() - t_load
         how = "" if same_layout else f" (saved at {state.get('layout')}, now {layout}: per-parameter state)"
-        log(f"[miaotui] resumed from {resume_from} at step {start_step}{how}")
+        log(f"[miaotui] resumed from {resume_from} at step {start_step}{how} in {timings['load_s']:.2f}s")
 
     gas = accumulation_steps(topo, t)
     flops_per_token = args.flops_per_token(t.seq_len)
@@ -256,19 +260,23 @@ def train(cfg) -> dict:
             if cfg.checkpoint.universal:
                 universal = {"tp": topo.tp, "tp_group": tp_group(topo),
                              "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
+            t_save = time.perf_counter()
             path = ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                                             "layout": layout, "model": model_shape(args),
                                             "model_args": asdict(args), "precision": cfg.parallel.precision},
                             universal)
-            logger.write(f"[miaotui] saved checkpoint {path}")
+            timings["save_s"] = time.perf_counter() - t_save
+            logger.write(f"[miaotui] saved checkpoint {path} in {timings['save_s']:.2f}s")
     logger.close()
 
     export_dir = None
     if cfg.checkpoint.export and step == t.max_steps:
+        t_export = time.perf_counter()
         export_dir = export_engine(engine, cfg, args, topo, os.path.join(run_dir, "export"), step)
-        log(f"[miaotui] exported {export_dir}")
+        timings["export_s"] = time.perf_counter() - t_export
+        log(f"[miaotui] exported {export_dir} in {timings['export_s']:.2f}s")
     barrier()
-    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, **last}
+    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, **last, **timings}
     if topo.is_rank0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
