@@ -123,6 +123,10 @@ def run_entry(hydra_main: Callable[[], None], config_name: str, schema, config_d
     multirun = any(a in ("-m", "--multirun") for a in args)
     if not multirun and not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in args):
         validate_overrides(config_name, args, schema, os.path.join(CONFIG_DIR, config_dir))
+        # An explicit run_dir is also Hydra's working directory: no stray runs/<name> beside it.
+        run_dir = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+        if run_dir and not any(a.startswith("hydra.run.dir=") for a in args):
+            sys.argv.append(f"hydra.run.dir={run_dir[-1]}")
     try:
         hydra_main()
     except UserError as exc:

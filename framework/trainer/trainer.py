@@ -276,7 +276,8 @@ def train(cfg) -> dict:
         timings["export_s"] = time.perf_counter() - t_export
         log(f"[miaotui] exported {export_dir} in {timings['export_s']:.2f}s")
     barrier()
-    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, **last, **timings}
+    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, "unigram_entropy": data.unigram_entropy,
+               **last, **timings}
     if topo.is_rank0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
