@@ -3,8 +3,8 @@
 From a training engine (``export_from_module``) or from a checkpoint's per-parameter state with no engine at all
 (``framework.checkpoint.convert``). Every rank takes part in gathering each tensor across its tensor-parallel
 shards and ZeRO-3 partitions, but keeps only the tensors of the shard files it owns (shard i belongs to rank
-i mod world) and writes them itself: no rank ever holds the whole model or any optimizer state. Rank 0 then writes the index, config.json,
-generation_config.json, the tokenizer files and the manifest.
+i mod world) and writes them itself: no rank ever holds the whole model or any optimizer state. Rank 0 then
+writes the index, config.json, generation_config.json, the tokenizer files and the manifest.
 """
 
 from __future__ import annotations
