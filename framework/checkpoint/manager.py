@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from framework.checkpoint.manifest import verify_manifest, write_manifest
+from framework.checkpoint.manifest import hash_files, list_files, verify_manifest, write_manifest
 from framework.checkpoint.universal import save_universal
 from framework.cli import UserError
 from framework.parallel.distributed import barrier, broadcast_object
@@ -72,11 +72,17 @@ class CheckpointManager:
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
         barrier()
+        # Every rank hashes its share of the files for the manifest.
+        rels = broadcast_object(list_files(path) if self.is_rank0 else None)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, hash_files(path, rels, dist.get_rank(), dist.get_world_size()))
         if self.is_rank0:
             full = {**state, "rng": rngs, "world_size": dist.get_world_size()}
             with open(os.path.join(path, "trainer_state.json"), "w") as f:
                 json.dump(full, f, indent=1)
-            write_manifest(path, {"step": step})
+            files = {k: v for part in parts for k, v in part.items()}
+            files.update(hash_files(path, ["trainer_state.json"]))
+            write_manifest(path, {"step": step}, files)
             tmp = os.path.join(self.root, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag + "\n")
@@ -117,13 +123,19 @@ class CheckpointManager:
         return path
 
     def inspect(self, path: str, model_shape: dict) -> dict:
-        """Before any heavy work: verify the manifest and the model shape (rank 0); return trainer_state."""
+        """Before any heavy work: the model shape (rank 0, cheap), then the manifest (every rank hashes its share
+        of the files); returns trainer_state or raises UserError naming what is wrong."""
         error, state = None, None
         if self.is_rank0:
             try:
-                verify_manifest(path)
-                with open(os.path.join(path, "trainer_state.json")) as f:
-                    state = json.load(f)
+                state_path = os.path.join(path, "trainer_state.json")
+                if not os.path.isfile(state_path):
+                    raise UserError(f"missing file {state_path}: the checkpoint is incomplete")
+                try:
+                    with open(state_path) as f:
+                        state = json.load(f)
+                except ValueError as exc:
+                    raise UserError(f"{state_path} is not valid JSON: the file is corrupted") from exc
                 saved = state.get("model", {})
                 diff = [f"{k} {saved[k]} vs {v}" for k, v in model_shape.items() if k in saved and saved[k] != v]
                 if diff:
@@ -132,6 +144,14 @@ class CheckpointManager:
             except UserError as exc:
                 error = str(exc)
         error, state = broadcast_object((error, state))
+        if error is None:
+            try:
+                verify_manifest(path, rank=dist.get_rank(), world=dist.get_world_size())
+            except UserError as exc:
+                error = str(exc)
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
         if error:
             raise UserError(error)
         return state

@@ -19,15 +19,27 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str, extra: dict | None = None) -> dict:
-    files = {}
+def list_files(directory: str) -> list[str]:
+    out = []
     for root, _, names in os.walk(directory):
         for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            if rel == MANIFEST or rel.endswith(".tmp"):
-                continue
-            files[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != MANIFEST and not rel.endswith(".tmp"):
+                out.append(rel)
+    return sorted(out)
+
+
+def hash_files(directory: str, rels: list[str], rank: int = 0, world: int = 1) -> dict:
+    """Size and sha256 of every ``world``-th file starting at ``rank`` (ranks split the hashing)."""
+    return {rel: {"size": os.path.getsize(os.path.join(directory, rel)),
+                  "sha256": sha256_file(os.path.join(directory, rel))}
+            for i, rel in enumerate(rels) if i % world == rank}
+
+
+def write_manifest(directory: str, extra: dict | None = None, files: dict | None = None) -> dict:
+    """Write ``manifest.json``; ``files`` are precomputed entries (see ``hash_files``), else hashed here."""
+    if files is None:
+        files = hash_files(directory, list_files(directory))
     manifest = {"files": dict(sorted(files.items())), **(extra or {})}
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -36,14 +48,19 @@ def write_manifest(directory: str, extra: dict | None = None) -> dict:
     return manifest
 
 
-def verify_manifest(directory: str, check_hash: bool = True) -> dict:
-    """Check every listed file exists with its size (and hash); raise UserError naming the first bad one."""
+def verify_manifest(directory: str, check_hash: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Check every listed file exists with its size (and hash); raise UserError naming the first bad one.
+
+    With ``world`` > 1 this rank checks every ``world``-th file from ``rank`` on (the ranks split the hashing).
+    """
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise UserError(f"{directory} has no {MANIFEST}: it is incomplete or not one of ours")
     with open(path) as f:
         manifest = json.load(f)
-    for rel, meta in manifest["files"].items():
+    for i, (rel, meta) in enumerate(manifest["files"].items()):
+        if i % world != rank:
+            continue
         fpath = os.path.join(directory, rel)
         if not os.path.isfile(fpath):
             raise UserError(f"missing file {fpath} listed in the manifest: the checkpoint is incomplete")
