@@ -1,13 +1,20 @@
 """``python -m framework.export checkpoint=<run dir or step dir> [out=<dir>]``: a checkpoint to HF safetensors.
 
-Launch it the way the checkpoint was trained (same number of processes); see framework/checkpoint/convert.py.
+Any number of processes (each writes its share of the shards) for a checkpoint with per-parameter state, the
+default; see framework/checkpoint/convert.py.
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
+import sys
 
-from framework.cli import reports_user_errors, run_entry
-from framework.config import ExportConfig
+if __package__ in (None, ""):  # run as a path by the deepspeed launcher
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from framework.cli import reports_user_errors, run_entry  # noqa: E402
+from framework.config import ExportConfig  # noqa: E402
 
 
 @hydra.main(config_path="../configs/export", config_name="export", version_base="1.3")

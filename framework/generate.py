@@ -4,11 +4,17 @@
     torchrun --nproc_per_node=4 -m framework.generate model_dir=runs/x/export infer.pp=4 prompts=in.jsonl output=out.jsonl
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
+import sys
 
-from framework.cli import reports_user_errors, run_entry
-from framework.config import GenerateConfig
+if __package__ in (None, ""):  # run as a path by the deepspeed launcher
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from framework.cli import reports_user_errors, run_entry  # noqa: E402
+from framework.config import GenerateConfig  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="generate", version_base="1.3")

@@ -79,3 +79,26 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()
+
+
+def link_scheduler_logs(run_dir: str) -> list[str]:
+    """Under a submitit (Hydra Slurm launcher) job, link the job's stdout/stderr files into the run directory,
+    so every run's logs are found beside its metrics. Returns the links made (none outside such a job)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return []
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        paths = env.paths
+        targets = [(paths.stdout, f"slurm-{env.job_id}.out"), (paths.stderr, f"slurm-{env.job_id}.err")]
+    except Exception:  # noqa: BLE001 - not a submitit job after all: nothing to link
+        return []
+    made = []
+    for target, name in targets:
+        link = os.path.join(run_dir, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.abspath(str(target)), link)
+        made.append(link)
+    return made

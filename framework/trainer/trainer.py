@@ -31,7 +31,7 @@ from framework.parallel.parallelize import accumulation_steps, parallelize, quie
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
 from framework.trainer.faults import maybe_fail
-from framework.trainer.loggers import MetricLogger
+from framework.trainer.loggers import MetricLogger, link_scheduler_logs
 from framework.trainer.metrics import device_peak_tflops, peak_memory_gb, warmup_cosine
 
 
@@ -154,6 +154,7 @@ def train(cfg) -> dict:
     run_dir = cfg.run_dir
     if topo.is_rank0:
         write_run_config(cfg, run_dir, topo)
+        link_scheduler_logs(run_dir)
     torch.manual_seed(cfg.seed)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if topo.is_rank0 else (lambda s: None)
     log(f"[miaotui] run_dir={run_dir} layout {topo} zero={cfg.parallel.zero_stage} precision={cfg.parallel.precision} "

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start training, pipeline inference or an export with torchrun, on one node or on several.
+#
+#   launch/torchrun.sh train experiment=cpu_default                      # one node, NPROC processes
+#   launch/torchrun.sh generate model_dir=runs/x infer.pp=2 prompt="'def f(x):'"
+#   # two nodes, the same command on each (node 0's address is the rendezvous endpoint):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train parallel.tp=2     # on 10.0.0.1
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train parallel.tp=2     # on the other node
+#
+# Environment (defaults in brackets):
+#   NPROC          processes per node [the GPUs visible, else 2]
+#   NNODES         nodes in the job [1]; more than 1 uses a c10d rendezvous at MASTER_ADDR:MASTER_PORT
+#   NODE_RANK      this node's rank [SLURM_NODEID, else 0] (c10d may renumber; ranks stay contiguous per node)
+#   MASTER_ADDR    an address of node 0 that every node reaches [127.0.0.1]
+#   MASTER_PORT    rendezvous port on node 0 [29500]
+#   RDZV_ID        job id shared by all nodes [miaotui]
+#   LOCAL_ADDR     the address other nodes reach this node at [its hostname's]; needed where the hostname
+#                  resolves to an address the other nodes cannot reach
+#   RDZV_TIMEOUT   seconds to wait for every node to join before failing [600]
+#   MAX_RESTARTS   restarts of the whole job after a worker failure (resumes from the last checkpoint) [0]
+#   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME   the network interface that reaches the other nodes (several
+#                  interfaces, or a hostname that resolves to loopback, need it)
+#   PYTHON         the interpreter [.venv/bin/python of this checkout]
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+what="${1:-}"
+case "$what" in
+  train|generate|export) shift ;;
+  *) echo "error: usage: launch/torchrun.sh train|generate|export [overrides...]" >&2; exit 2 ;;
+esac
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+TORCHRUN="$(dirname "$PYTHON")/torchrun"
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+fi
+NNODES="${NNODES:-1}"
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export TOKENIZERS_PARALLELISM=false
+if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  rdzv=(--standalone)
+else
+  endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
+  node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
+  # Node 0 hosts the rendezvous store (torchrun's own guess compares hostnames, which fails behind NAT or in
+  # network namespaces).
+  is_host=false; [ "$node_rank" = 0 ] && is_host=true
+  rdzv=(--nnodes="$NNODES" --node_rank="$node_rank" --rdzv_backend=c10d --rdzv_endpoint="$endpoint"
+        --rdzv_id="${RDZV_ID:-miaotui}"
+        --rdzv_conf="join_timeout=$RDZV_TIMEOUT,read_timeout=$RDZV_TIMEOUT,is_host=$is_host"
+        ${LOCAL_ADDR:+--local_addr="$LOCAL_ADDR"})
+fi
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+"$TORCHRUN" "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
+  -m "framework.$what" "$@" 2> >(tee "$log" >&2)
+rc=$?
+wait
+set -e
+if [ $rc -ne 0 ] && grep -q "Rendezvous\(Timeout\|Connection\|Closed\)Error\|RendezvousError" "$log"; then
+  echo "error: the rendezvous at ${endpoint:-localhost} did not complete within ${RDZV_TIMEOUT}s: start all $NNODES nodes" \
+       "with the same MASTER_ADDR, MASTER_PORT and RDZV_ID, and check that every node reaches $endpoint" >&2
+fi
+exit $rc
