@@ -2,7 +2,7 @@
 # A one-node Slurm cluster on this machine, as root and without systemd: for trying the sbatch template and the
 # submitit launcher, and for the tests. Installs Debian's slurmctld, slurmd, munge and slurm-client when missing.
 #
-#   sudo launch/slurm/local_cluster.sh start     # prints the partition when ready
+#   sudo launch/slurm/local_cluster.sh start     # (re)starts a fresh cluster; prints the partition when ready
 #   sudo launch/slurm/local_cluster.sh stop
 set -euo pipefail
 action="${1:-start}"
@@ -24,8 +24,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
   apt-get update -qq >/dev/null && apt-get install -y -qq slurmctld slurmd munge slurm-client >/dev/null
 fi
 host="$(hostname -s)"
-cpus="$(nproc)"
-mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+# The node as slurmd sees it (sockets, cores, memory), so that the controller never finds it changed.
+node_line="$(slurmd -C | head -n 1)"
+"$0" stop
+# A fresh cluster every start: no jobs or node states recovered from an earlier one.
+rm -rf /var/spool/slurmctld /var/spool/slurmd
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /etc/munge
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=miaotui
@@ -51,7 +54,7 @@ MpiDefault=none
 SchedulerParameters=defer_batch,sched_interval=2
 MinJobAge=600
 AuthInfo=cred_expire=10
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+$node_line State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 if [ ! -s /etc/munge/munge.key ]; then
@@ -59,14 +62,16 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R root:root /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || munged --force
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+munged --force
+slurmctld
+slurmd
 for _ in $(seq 60); do
-  if sinfo -h -o "%t" 2>/dev/null | grep -qE "idle|mix|alloc"; then
+  state="$(sinfo -h -o "%t" 2>/dev/null || true)"
+  if [ "$state" = idle ]; then
     sinfo
     exit 0
   fi
+  case "$state" in down*|drain*) scontrol update nodename="$host" state=resume 2>/dev/null || true ;; esac
   sleep 1
 done
 echo "error: the local Slurm cluster did not come up in 60s: see /var/log/slurm/slurmctld.log and slurmd.log" >&2

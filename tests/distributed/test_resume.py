@@ -128,7 +128,7 @@ def test_damaged_or_foreign_checkpoint_is_refused(uninterrupted, tmp_path, damag
     else:
         overrides = ["model.dim=32"]
     before = tree_digest(run)
-    proc = run_module("framework.train", [*BASE, f"run_dir={run}", "trainer.max_steps=12", *overrides], nproc=2)
+    proc = run_module("framework.train", [*BASE, f"run_dir={run}", "trainer.max_steps=12", *overrides])
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
