@@ -12,21 +12,11 @@
 # MASTER_ADDR [the first host], MASTER_PORT [29500], CONNECT_TIMEOUT [10], SSH_PORT [22],
 # DS_LAUNCHER [pdsh] (deepspeed's --launcher: pdsh, openmpi, mvapich, slurm), PYTHON [.venv/bin/python].
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-what="${1:-}"
-case "$what" in
-  train|generate|export) shift ;;
-  *) echo "error: usage: launch/deepspeed.sh train|generate|export [overrides...]" >&2; exit 2 ;;
-esac
-PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+source "$(dirname "$0")/common.sh"
+shift
 DEEPSPEED="$(dirname "$PYTHON")/deepspeed"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export TOKENIZERS_PARALLELISM=false
 if [ -z "${HOSTFILE:-}" ]; then
-  if [ -z "${NPROC:-}" ]; then
-    NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
-  fi
-  exec "$DEEPSPEED" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$what.py" "$@"
+  exec "$DEEPSPEED" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$WHAT.py" "$@"
 fi
 
 if [ ! -f "$HOSTFILE" ]; then
@@ -59,4 +49,4 @@ for host in "${hosts[@]}"; do
   fi
 done
 exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-pdsh}" \
-  --master_addr "${MASTER_ADDR:-${hosts[0]}}" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$what.py" "$@"
+  --master_addr "${MASTER_ADDR:-${hosts[0]}}" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$WHAT.py" "$@"

@@ -22,21 +22,11 @@
 #                  interfaces, or a hostname that resolves to loopback, need it)
 #   PYTHON         the interpreter [.venv/bin/python of this checkout]
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-what="${1:-}"
-case "$what" in
-  train|generate|export) shift ;;
-  *) echo "error: usage: launch/torchrun.sh train|generate|export [overrides...]" >&2; exit 2 ;;
-esac
-PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+source "$(dirname "$0")/common.sh"
+shift
 TORCHRUN="$(dirname "$PYTHON")/torchrun"
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
-fi
 NNODES="${NNODES:-1}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export TOKENIZERS_PARALLELISM=false
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   rdzv=(--standalone)
 else
@@ -54,7 +44,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
 "$TORCHRUN" "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
-  -m "framework.$what" "$@" 2> >(tee "$log" >&2)
+  -m "framework.$WHAT" "$@" 2> >(tee "$log" >&2)
 rc=$?
 wait
 set -e

@@ -6,7 +6,7 @@
 (c) on a GPU: batch-1 decode tokens/s in bf16 against the memory-bandwidth limit
     (weight bytes per token over the measured device copy bandwidth).
 
-    python scripts/bench_infer.py                 # CPU: a ~30M-parameter random Llama
+    python scripts/bench_infer.py                 # CPU: (a) the CPU default's shape and a 30M Llama; (b) the 30M
     python scripts/bench_infer.py --flavor 1b     # GPU: the 1B flavor in bf16, adds (c)
 """
 
@@ -25,6 +25,18 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SHAPES = {
+    # the CPU default's shape (configs/model/small.yaml): per-token overhead dominates
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    # large enough that compute and weight reads dominate Python overhead on CPU
+    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
 def make_model(path: str, flavor: str) -> None:
     import transformers
 
@@ -32,12 +44,7 @@ def make_model(path: str, flavor: str) -> None:
     from framework.data.tokenizer import train_bpe
 
     tok = train_bpe([e.text for e in make_examples("reverse", 2000, 0, 3, 8)], 300)
-    if flavor == "1b":
-        shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
-    else:  # small enough for CPU, large enough that compute dominates Python overhead
-        shape = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                     num_key_value_heads=4, vocab_size=len(tok))
+    shape = {"vocab_size": len(tok), **SHAPES[flavor]}
     cfg = transformers.LlamaConfig(**shape, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
@@ -102,6 +109,7 @@ def copy_bandwidth_gbs(device: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
+    ap.add_argument("--only", default=None, choices=["a", "b"], help="run one part")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--requests", type=int, default=64)
     a = ap.parse_args()
@@ -109,23 +117,27 @@ def main() -> None:
     dtype = "bf16" if a.flavor == "1b" else "fp32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = tempfile.mkdtemp(prefix="bench_infer_")
-    path = os.path.join(tmp, "model")
-    make_model(path, a.flavor)
+    flavors = ["small", "30m"] if a.flavor == "cpu" else [a.flavor]
+    for f in flavors:
+        make_model(os.path.join(tmp, f), f)
+    path = os.path.join(tmp, flavors[-1])
     prompts = [f"reverse: {' '.join(str((i * 7 + j) % 10) for j in range(3 + i % 6))} =" for i in range(a.requests)]
     pfile = os.path.join(tmp, "prompts.jsonl")
     with open(pfile, "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
     rows = []
-    for batch in (1, 8):
-        n = 4 if batch == 1 else 16
-        sub = os.path.join(tmp, f"p{batch}.jsonl")
-        with open(sub, "w") as f:
-            f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
-        hf = run_hf(path, batch, a.new, tdtype, device, prompts[:n])
-        ours = run_ours(path, 1, batch, a.new, 1, dtype, device, sub)["tokens_per_s"]
-        rows.append((f"(a) pp=1 decode, batch {batch}", f"{ours:.1f}", f"transformers generate(): {hf:.1f}",
-                     f"{ours / hf:.2f}x"))
-    if device == "cpu":
+    for flavor in flavors if a.only in (None, "a") else []:
+        for batch in (1, 8):
+            n = 4 if batch == 1 else 16
+            sub = os.path.join(tmp, f"p{batch}.jsonl")
+            with open(sub, "w") as f:
+                f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
+            model = os.path.join(tmp, flavor)
+            hf = run_hf(model, batch, a.new, tdtype, device, prompts[:n])
+            ours = run_ours(model, 1, batch, a.new, 1, dtype, device, sub)["tokens_per_s"]
+            rows.append((f"(a) {flavor} pp=1 decode, batch {batch}", f"{ours:.1f}", f"transformers generate(): {hf:.1f}",
+                         f"{ours / hf:.2f}x"))
+    if device == "cpu" and a.only in (None, "b"):
         base = run_ours(path, 1, a.requests, a.new, 1, dtype, device, pfile)
         naive = run_ours(path, 2, a.requests, a.new, 1, dtype, device, pfile)
         micro2 = run_ours(path, 2, a.requests, a.new, 2, dtype, device, pfile)
@@ -135,7 +147,7 @@ def main() -> None:
             rows.append((name, f"{r['tokens_per_s']:.1f}", f"pp=1 same batch: {base['tokens_per_s']:.1f}",
                          f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x  busy "
                          + "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])))
-    else:
+    elif device != "cpu":
         from framework.infer.loader import read_model_args
 
         args = read_model_args(path)
