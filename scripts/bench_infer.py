@@ -110,8 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
     ap.add_argument("--only", default=None, choices=["a", "b"], help="run one part")
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=128)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bf16" if a.flavor == "1b" else "fp32"
@@ -147,6 +147,9 @@ def main() -> None:
             rows.append((name, f"{r['tokens_per_s']:.1f}", f"pp=1 same batch: {base['tokens_per_s']:.1f}",
                          f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x  busy "
                          + "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])))
+            rows.append(("    decode only (after the first token)", f"{r['decode_tokens_per_s']:.1f}",
+                         f"pp=1: {base['decode_tokens_per_s']:.1f}",
+                         f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x"))
     elif device != "cpu":
         from framework.infer.loader import read_model_args
 

@@ -160,6 +160,29 @@ class StageRunner:
         dist.recv(t, src)
         return t
 
+    # One message a hop: the control flag rides in the last element of the activations and the first element of
+    # the token ids, so each hop costs one wake-up of the receiver, not two.
+    def _send_hidden(self, flag: int, hidden: torch.Tensor | None, numel: int, dst: int) -> list:
+        msg = torch.empty(numel + 1, dtype=self.dtype, device=self.device)
+        if hidden is not None:
+            msg[:numel] = hidden.reshape(-1)
+        else:
+            msg[:numel] = 0
+        msg[numel] = flag
+        return self._send([msg], dst)
+
+    def _recv_hidden(self, shape, src: int) -> tuple[int, torch.Tensor]:
+        numel = shape[0] * shape[1] * shape[2]
+        msg = self._recv((numel + 1,), self.dtype, src)
+        return int(msg[numel].item()), msg[:numel].view(shape)
+
+    def _send_tokens(self, flag: int, tokens: torch.Tensor, dst: int) -> list:
+        return self._send([torch.cat([torch.tensor([flag], dtype=torch.long, device=self.device), tokens])], dst)
+
+    def _recv_tokens(self, n: int, src: int) -> tuple[int, torch.Tensor]:
+        msg = self._recv((n + 1,), torch.long, src)
+        return int(msg[0]), msg[1:]
+
     # -- the schedule -----------------------------------------------------------------------------
     def run_batch(self, requests: list[Request], n_micro: int, on_done=None) -> list[RowState] | None:
         """Generate for ``requests`` (every stage calls this with the same list); the last stage returns states."""
@@ -182,41 +205,45 @@ class StageRunner:
             return self._run_single(mbs, ids, states, on_done)
         active = list(range(len(mbs)))
         prefilled = [False] * len(mbs)
-        ctrl = torch.tensor([GO], dtype=torch.long, device=self.device)
-        stop = torch.tensor([STOP], dtype=torch.long, device=self.device)
+
+        def hidden_shape(m: int) -> tuple[int, int, int]:
+            return len(mbs[m].rows), 1 if prefilled[m] else mbs[m].length, self.dim
+
         if self.first:
             for m in active:
-                pending += self._send([ctrl, self.forward(mbs[m], ids[m], prefill=True)], nxt)
+                out = self.forward(mbs[m], ids[m], prefill=True)
+                pending += self._send_hidden(GO, out, out.numel(), nxt)
                 prefilled[m] = True
             while active:
                 for m in list(active):
-                    flag = self._recv((1,), torch.long, self.pp - 1)
-                    tokens = self._recv((len(mbs[m].rows),), torch.long, self.pp - 1)
-                    if int(flag) == STOP:  # the last stage says every row is finished
-                        pending += self._send([stop], nxt)
+                    flag, tokens = self._recv_tokens(len(mbs[m].rows), self.pp - 1)
+                    if flag == STOP:  # the last stage says every row is finished
+                        b, t, d = hidden_shape(m)
+                        pending += self._send_hidden(STOP, None, b * t * d, nxt)
                         active.remove(m)
                         if on_done:
                             on_done(len(mbs[m].rows))
                         continue
-                    pending += self._send([ctrl, self.forward(mbs[m], tokens[:, None], prefill=False)], nxt)
+                    out = self.forward(mbs[m], tokens[:, None], prefill=False)
+                    pending += self._send_hidden(GO, out, out.numel(), nxt)
+                pending = [w for w in pending if not w.is_completed()]
         else:
             while active:
                 for m in list(active):
-                    flag = self._recv((1,), torch.long, prev)
-                    if int(flag) == STOP:
+                    shape = hidden_shape(m)
+                    flag, hidden = self._recv_hidden(shape, prev)
+                    if flag == STOP:
                         if not self.last:
-                            pending += self._send([stop], nxt)
+                            pending += self._send_hidden(STOP, None, shape[0] * shape[1] * shape[2], nxt)
                         active.remove(m)
                         continue
-                    T = 1 if prefilled[m] else mbs[m].length
-                    hidden = self._recv((len(mbs[m].rows), T, self.dim), self.dtype, prev)
                     out = self.forward(mbs[m], hidden, prefill=not prefilled[m])
                     prefilled[m] = True
                     if self.last:
                         tokens, done = self.sample(mbs[m], out, states[m])
-                        pending += self._send([torch.tensor([STOP if done else GO], device=self.device), tokens], 0)
+                        pending += self._send_tokens(STOP if done else GO, tokens, 0)
                     else:
-                        pending += self._send([ctrl, out], nxt)
+                        pending += self._send_hidden(GO, out, out.numel(), nxt)
                 # Free the buffers of sends that completed, so memory stays flat on long generations.
                 pending = [w for w in pending if not w.is_completed()]
         for w in pending:

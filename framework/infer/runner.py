@@ -146,6 +146,7 @@ def generate(cfg) -> dict:
     barrier()
     t0 = time.perf_counter()
     results = []
+    decode = [0, 0.0]  # tokens after each row's first, and the seconds from a batch's first token to its last
     for b in range(0, len(requests), inf.batch_size):
         out = runner.run_batch(requests[b: b + inf.batch_size], n_micro, on_done=bar.update if bar else None)
         if runner.last and out is not None:
@@ -154,18 +155,22 @@ def generate(cfg) -> dict:
                          "ttft_s": (st.t_first - t0) if st.t_first else None,
                          "tpot_s": ((st.t_last - st.t_first) / (len(st.generated) - 1)) if len(st.generated) > 1 else None}
                         for st in out]
+            firsts = [st.t_first for st in out if st.t_first]
+            if firsts:
+                decode[0] += sum(max(len(st.generated) - 1, 0) for st in out)
+                decode[1] += max(st.t_last for st in out if st.t_last) - min(firsts)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
     busy = [None] * world
     dist.all_gather_object(busy, runner.busy_s / wall if wall > 0 else 0.0)
     if inf.pp > 1:  # results live on the last stage
-        box = [results]
+        box = [(results, decode)]
         if rank == inf.pp - 1:
             dist.send_object_list(box, dst=0)
         elif rank == 0:
             dist.recv_object_list(box, src=inf.pp - 1)
-        results = box[0]
+        results, decode = box[0]
     if rank != 0:
         return {}
 
@@ -185,6 +190,8 @@ def generate(cfg) -> dict:
     summary = {
         "requests": len(results), "errors": len(payload["errors"]), "generated_tokens": n_tokens,
         "wall_s": wall, "tokens_per_s": n_tokens / wall if wall > 0 else 0.0,
+        # steady-state decode: the tokens after each row's first over the time from a batch's first token to its last
+        "decode_tokens_per_s": decode[0] / decode[1] if decode[1] > 0 else None,
         "ttft_s": sum(ttfts) / len(ttfts) if ttfts else None, "tpot_s": sum(tpots) / len(tpots) if tpots else None,
         "stage_busy_fraction": busy, "pp": inf.pp, "micro_batches": n_micro, "stage_memory": mem,
     }
