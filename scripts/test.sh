@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
 .venv/bin/python -m ruff check framework tests scripts
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=12 "$@"

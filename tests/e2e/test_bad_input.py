@@ -22,7 +22,7 @@ def check_one_line(proc, *needles):
 
 @pytest.mark.parametrize("args,nproc,needles", [
     (["trainer.lrr=1"], 1, ["unknown config key 'trainer.lrr'", "valid keys", "lr"]),
-    (["model.n_heads=4", "model.n_kv_heads=2", "parallel.tp=4"], 4, ["does not divide the 2 key-value heads"]),
+    (["model.n_heads=4", "model.n_kv_heads=1", "parallel.tp=2"], 2, ["does not divide the 1 key-value heads"]),
     (["parallel.tp=3", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=96"], 2, ["not divisible by tp"]),
     (["data=files", "data.paths=[/nonexistent/corpus.txt]"], 1, ["data file not found: /nonexistent/corpus.txt"]),
     (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], 1, ["global_batch_size=10", "multiple of 4"]),
