@@ -10,11 +10,11 @@ without DeepSpeed: each rank reads the tensors of the shard files it owns, memor
 
 from __future__ import annotations
 
-import json
 import os
 
 from omegaconf import OmegaConf
 
+from framework.checkpoint.manager import read_state
 from framework.cli import UserError
 from framework.config import ExportConfig, TrainConfig
 
@@ -33,14 +33,6 @@ def find_checkpoint(path: str | None) -> tuple[str, str]:
     raise UserError(f"{path} is neither a run directory with checkpoints/latest nor a checkpoint step directory")
 
 
-def read_state(step_dir: str) -> dict:
-    path = os.path.join(step_dir, "trainer_state.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing: the checkpoint is incomplete")
-    with open(path) as f:
-        return json.load(f)
-
-
 def has_universal(step_dir: str) -> bool:
     from framework.checkpoint.universal import INDEX, UNIVERSAL
 
@@ -50,21 +42,12 @@ def has_universal(step_dir: str) -> bool:
 def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
     """Export from the per-parameter state; every launched rank calls this (no collectives but barriers)."""
     from framework.checkpoint.export import write_export
-    from framework.checkpoint.manifest import verify_manifest
+    from framework.checkpoint.manifest import verify_on_all_ranks
     from framework.checkpoint.universal import UniversalReader
     from framework.models.llama import ModelArgs
-    from framework.parallel.distributed import broadcast_object
     from framework.trainer.trainer import PRECISION_DTYPES
 
-    error = None
-    if int(os.environ.get("RANK", "0")) == 0:
-        try:
-            verify_manifest(step_dir)
-        except UserError as exc:
-            error = str(exc)
-    error = broadcast_object(error)
-    if error:
-        raise UserError(error)
+    verify_on_all_ranks(step_dir)
     state = read_state(step_dir)
     if "model_args" not in state:
         raise UserError(f"{step_dir} predates per-parameter state: export it with the launcher it was trained with")

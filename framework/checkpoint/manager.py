@@ -21,13 +21,25 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from framework.checkpoint.manifest import hash_files, list_files, verify_manifest, write_manifest
+from framework.checkpoint.manifest import hash_files, list_files, verify_on_all_ranks, write_manifest
 from framework.checkpoint.universal import save_universal
 from framework.cli import UserError
 from framework.parallel.distributed import barrier, broadcast_object
 from framework.trainer.faults import maybe_fail
 
 STEP_PREFIX = "step-"
+
+
+def read_state(step_dir: str) -> dict:
+    """A checkpoint's trainer_state.json, or a UserError naming what is wrong with it."""
+    path = os.path.join(step_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        raise UserError(f"missing file {path}: the checkpoint is incomplete")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: the file is corrupted") from exc
 
 
 def step_dir_name(step: int) -> str:
@@ -128,14 +140,7 @@ class CheckpointManager:
         error, state = None, None
         if self.is_rank0:
             try:
-                state_path = os.path.join(path, "trainer_state.json")
-                if not os.path.isfile(state_path):
-                    raise UserError(f"missing file {state_path}: the checkpoint is incomplete")
-                try:
-                    with open(state_path) as f:
-                        state = json.load(f)
-                except ValueError as exc:
-                    raise UserError(f"{state_path} is not valid JSON: the file is corrupted") from exc
+                state = read_state(path)
                 saved = state.get("model", {})
                 diff = [f"{k} {saved[k]} vs {v}" for k, v in model_shape.items() if k in saved and saved[k] != v]
                 if diff:
@@ -144,16 +149,9 @@ class CheckpointManager:
             except UserError as exc:
                 error = str(exc)
         error, state = broadcast_object((error, state))
-        if error is None:
-            try:
-                verify_manifest(path, rank=dist.get_rank(), world=dist.get_world_size())
-            except UserError as exc:
-                error = str(exc)
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e), None)
         if error:
             raise UserError(error)
+        verify_on_all_ranks(path)
         return state
 
     def load(self, engine, path: str, state: dict) -> dict:

@@ -48,6 +48,26 @@ def write_manifest(directory: str, extra: dict | None = None, files: dict | None
     return manifest
 
 
+def verify_on_all_ranks(directory: str) -> None:
+    """Every launched rank checks its share of the files; all raise the first error any found (a world of one
+    checks them all)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        verify_manifest(directory)
+        return
+    error = None
+    try:
+        verify_manifest(directory, rank=dist.get_rank(), world=dist.get_world_size())
+    except UserError as exc:
+        error = str(exc)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(error)
+
+
 def verify_manifest(directory: str, check_hash: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Check every listed file exists with its size (and hash); raise UserError naming the first bad one.
 

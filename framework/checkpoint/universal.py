@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from framework.checkpoint.export import plan_shards
 from framework.cli import UserError
 from framework.parallel.parallelize import tp_partition_dim
 
@@ -94,18 +95,9 @@ def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     _link_optimizer_state(engine)
     # Plan files by full size (3 fp32 tensors a parameter), identically on every rank.
-    sizes = []
-    for name, p in params:
-        numel = p.ds_numel if hasattr(p, "ds_id") else p.numel()
-        sizes.append(numel * 4 * 3 * (tp if tp_partition_dim(name) is not None else 1))
-    files, cur, cur_bytes = [], [], 0
-    for (name, _), size in zip(params, sizes):
-        if cur and cur_bytes + size > max_shard_mb * 2**20:
-            files.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(name)
-        cur_bytes += size
-    files.append(cur)
+    full_numels = [(name, ((p.ds_numel if hasattr(p, "ds_id") else p.numel())
+                           * (tp if tp_partition_dim(name) is not None else 1),)) for name, p in params]
+    files = plan_shards(full_numels, 4 * len((None, *MOMENTS)), max_shard_mb * 2**20)
     owner_of = {name: i for i, names in enumerate(files) for name in names}
     fnames = [f"state-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     mine: dict[int, dict[str, torch.Tensor]] = {}
