@@ -152,16 +152,13 @@ class StageRunner:
         return torch.tensor(tokens, dtype=torch.long, device=self.device), done
 
     # -- point-to-point ---------------------------------------------------------------------------
-    def _send(self, tensors: list[torch.Tensor], dst: int) -> list:
-        return [dist.isend(t.contiguous(), dst) for t in tensors]
-
-    def _recv(self, shape, dtype, src: int) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(t, src)
-        return t
-
     # One message a hop: the control flag rides in the last element of the activations and the first element of
-    # the token ids, so each hop costs one wake-up of the receiver, not two.
+    # the token ids, so each hop costs one wake-up of the receiver, not two. Every message is sent with isend, and
+    # the receive for the next message is posted before this stage computes: gloo (like NCCL) moves the bytes only
+    # once the receiver has posted its buffer, so a receive posted late puts a round trip on the critical path.
+    def _send(self, msg: torch.Tensor, dst: int) -> list:
+        return [dist.isend(msg, dst)]
+
     def _send_hidden(self, flag: int, hidden: torch.Tensor | None, numel: int, dst: int) -> list:
         msg = torch.empty(numel + 1, dtype=self.dtype, device=self.device)
         if hidden is not None:
@@ -169,19 +166,10 @@ class StageRunner:
         else:
             msg[:numel] = 0
         msg[numel] = flag
-        return self._send([msg], dst)
-
-    def _recv_hidden(self, shape, src: int) -> tuple[int, torch.Tensor]:
-        numel = shape[0] * shape[1] * shape[2]
-        msg = self._recv((numel + 1,), self.dtype, src)
-        return int(msg[numel].item()), msg[:numel].view(shape)
+        return self._send(msg, dst)
 
     def _send_tokens(self, flag: int, tokens: torch.Tensor, dst: int) -> list:
-        return self._send([torch.cat([torch.tensor([flag], dtype=torch.long, device=self.device), tokens])], dst)
-
-    def _recv_tokens(self, n: int, src: int) -> tuple[int, torch.Tensor]:
-        msg = self._recv((n + 1,), torch.long, src)
-        return int(msg[0]), msg[1:]
+        return self._send(torch.cat([torch.tensor([flag], dtype=torch.long, device=self.device), tokens]), dst)
 
     # -- the schedule -----------------------------------------------------------------------------
     def run_batch(self, requests: list[Request], n_micro: int, on_done=None) -> list[RowState] | None:
@@ -200,52 +188,57 @@ class StageRunner:
         if self.last:
             states = [[RowState(r, generator=torch.Generator().manual_seed(r.params.seed)) for r in mb.rows]
                       for mb in mbs]
-        prev, nxt, pending = self.stage - 1, self.stage + 1, []
         if self.pp == 1:
             return self._run_single(mbs, ids, states, on_done)
+        nxt, pending = self.stage + 1, []
         active = list(range(len(mbs)))
         prefilled = [False] * len(mbs)
 
-        def hidden_shape(m: int) -> tuple[int, int, int]:
-            return len(mbs[m].rows), 1 if prefilled[m] else mbs[m].length, self.dim
+        def hidden_numel(m: int) -> int:
+            return len(mbs[m].rows) * (1 if prefilled[m] else mbs[m].length) * self.dim
 
+        # Stage 0 hears token ids from the last stage, every other stage hidden states from the one before. Both
+        # arrive in the rotation order of ``active``, so the size of the next message is always known.
+        src = self.pp - 1 if self.first else self.stage - 1
+        inbox = _Inbox(src, torch.long if self.first else self.dtype, self.device)
+        expect = (lambda m: len(mbs[m].rows) + 1) if self.first else (lambda m: hidden_numel(m) + 1)
+        inbox.post(expect(0))
         if self.first:
             for m in active:
                 out = self.forward(mbs[m], ids[m], prefill=True)
                 pending += self._send_hidden(GO, out, out.numel(), nxt)
                 prefilled[m] = True
-            while active:
-                for m in list(active):
-                    flag, tokens = self._recv_tokens(len(mbs[m].rows), self.pp - 1)
-                    if flag == STOP:  # the last stage says every row is finished
-                        b, t, d = hidden_shape(m)
-                        pending += self._send_hidden(STOP, None, b * t * d, nxt)
-                        active.remove(m)
-                        if on_done:
-                            on_done(len(mbs[m].rows))
-                        continue
-                    out = self.forward(mbs[m], tokens[:, None], prefill=False)
-                    pending += self._send_hidden(GO, out, out.numel(), nxt)
-                pending = [w for w in pending if not w.is_completed()]
-        else:
-            while active:
-                for m in list(active):
-                    shape = hidden_shape(m)
-                    flag, hidden = self._recv_hidden(shape, prev)
-                    if flag == STOP:
-                        if not self.last:
-                            pending += self._send_hidden(STOP, None, shape[0] * shape[1] * shape[2], nxt)
-                        active.remove(m)
-                        continue
-                    out = self.forward(mbs[m], hidden, prefill=not prefilled[m])
-                    prefilled[m] = True
-                    if self.last:
-                        tokens, done = self.sample(mbs[m], out, states[m])
-                        pending += self._send_tokens(STOP if done else GO, tokens, 0)
-                    else:
-                        pending += self._send_hidden(GO, out, out.numel(), nxt)
-                # Free the buffers of sends that completed, so memory stays flat on long generations.
-                pending = [w for w in pending if not w.is_completed()]
+        i = 0
+        while active:
+            m = active[i]
+            msg = inbox.take()
+            flag = int(msg[0]) if self.first else int(msg[-1].item())
+            if flag == STOP:  # every row of m is finished: pass the word on and drop m from the rotation
+                if not self.last:
+                    pending += self._send_hidden(STOP, None, hidden_numel(m), nxt)
+                active.pop(i)
+                if self.first and on_done:
+                    on_done(len(mbs[m].rows))
+            else:
+                i += 1
+                was_prefilled, prefilled[m] = prefilled[m], True
+            if active:
+                i %= len(active)
+                inbox.post(expect(active[i]))  # the next message may now arrive while this stage computes
+            if flag == STOP:
+                continue
+            if self.first:
+                out = self.forward(mbs[m], msg[1:, None], prefill=False)
+            else:
+                hidden = msg[:-1].view(len(mbs[m].rows), -1, self.dim)
+                out = self.forward(mbs[m], hidden, prefill=not was_prefilled)
+            if self.last:
+                tokens, done = self.sample(mbs[m], out, states[m])
+                pending += self._send_tokens(STOP if done else GO, tokens, 0)
+            else:
+                pending += self._send_hidden(GO, out, out.numel(), nxt)
+            # Free the buffers of sends that completed, so memory stays flat on long generations.
+            pending = [w for w in pending if not w.is_completed()]
         for w in pending:
             w.wait()
         return [st for mb_states in states for st in mb_states] if self.last else None
@@ -259,3 +252,20 @@ class StageRunner:
             if on_done:
                 on_done(len(mb.rows))
         return [st for mb_states in states for st in mb_states]
+
+
+class _Inbox:
+    """Receives from one peer in order, with the next message's buffer posted ahead of time."""
+
+    def __init__(self, src: int, dtype: torch.dtype, device: torch.device):
+        self.src, self.dtype, self.device = src, dtype, device
+        self.posted: list[tuple[torch.Tensor, object]] = []
+
+    def post(self, numel: int) -> None:
+        buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+        self.posted.append((buf, dist.irecv(buf, self.src)))
+
+    def take(self) -> torch.Tensor:
+        buf, work = self.posted.pop(0)
+        work.wait()
+        return buf
