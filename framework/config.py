@@ -209,6 +209,8 @@ class InferConfig:
     """fp32, bf16 or fp16."""
     device: str = "auto"
     backend: str = "auto"
+    packed_weights: bool = True
+    """fp32 on CPU: pack the linear weights once at load into oneDNN's layout (faster decode; False keeps F.linear)."""
     summary: str | None = None
     """Write a JSON summary (tokens_per_s, ttft_s, tpot_s, stage busy fractions) here."""
     progress: bool = True

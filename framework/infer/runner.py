@@ -20,6 +20,7 @@ from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.data.tokenizer import load_tokenizer
 from framework.infer.loader import DTYPES, load_stage, read_model_args, resolve_model_dir, rss_mb
+from framework.infer.packed_linear import pack_linears, packing_available
 from framework.infer.pipeline import Request, StageRunner
 from framework.infer.plan import format_plan, plan_stages
 from framework.infer.sampling import SamplingParams
@@ -128,6 +129,9 @@ def generate(cfg) -> dict:
     rss0 = rss_mb()
     t_load = time.perf_counter()
     model = load_stage(model_dir, args, stage, device, dtype)
+    n_micro = inf.micro_batches or inf.pp
+    if inf.packed_weights and packing_available(dtype, device):
+        pack_linears(model, rows_hint=-(-min(inf.batch_size, max(len(payload["requests"]), 1)) // n_micro))
     loaded_mb = rss_mb() - rss0
     mem = [None] * world
     dist.all_gather_object(mem, {"stage": rank, "weights_mb": stage.bytes / 2**20, "rss_delta_mb": loaded_mb})
@@ -137,7 +141,6 @@ def generate(cfg) -> dict:
     runner = StageRunner(model, rank, inf.pp, device, dtype, tokenizer=tokenizer, eos_id=tokenizer.eos_token_id,
                          pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     requests = [Request(i, ids, params) for i, (_, ids, params, _) in enumerate(payload["requests"])]
-    n_micro = inf.micro_batches or inf.pp
     bar = None
     if rank == 0 and inf.progress and len(requests) > inf.batch_size:
         from tqdm.auto import tqdm

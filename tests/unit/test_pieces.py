@@ -78,3 +78,27 @@ def test_launcher_args_and_error_lines():
     msg = explain_compose_error(
         Exc("Could not override 'trainer.lrr'. Key 'lrr' not in 'TrainerConfig' full_key: trainer.lrr"), None)
     assert msg.startswith("unknown config key 'trainer.lrr'")
+
+
+def test_packed_linear_matches_f_linear_and_leaves_tied_weights():
+    from framework.infer.packed_linear import pack_linears, packing_available
+    from framework.models.llama import Llama, ModelArgs
+
+    if not packing_available(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch has no oneDNN packed linear kernels")
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=97, tie_embeddings=True)
+    ref = Llama(args).eval()
+    packed = Llama(args).eval()
+    packed.load_state_dict(ref.state_dict())
+    packed.tie_weights()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in ref.modules())
+    # every projection and MLP matrix is packed; the LM head shares the embedding and stays as it is
+    assert pack_linears(packed, rows_hint=4) == n_linear - 1
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    tokens = torch.randint(0, 97, (3, 11))
+    positions = torch.arange(11)[None].expand(3, 11)
+    with torch.inference_mode():
+        a, b = ref(tokens=tokens, positions=positions), packed(tokens=tokens, positions=positions)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
