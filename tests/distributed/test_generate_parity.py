@@ -84,3 +84,25 @@ def test_low_precision_same_tokens_at_any_stage_count(hf_model, tmp_path, dtype)
     # and the low-precision model still says what the fp32 one says, at least at first
     first = [hf_greedy(model, tok, p)[0] for p in PROMPTS]
     assert sum(r["token_ids"][0] == f for r, f in zip(one, first)) >= 3
+
+
+def test_micro_batches_that_finish_at_different_steps(hf_model, tmp_path):
+    """Rows ask for different lengths, so micro-batches leave the ring one by one (STOP passes down the chain
+    while the others decode): every row still gets pp=1's tokens, and the fp32 packed and plain kernels agree."""
+    path, _, _ = hf_model
+    prompts = tmp_path / "varied.jsonl"
+    lengths = [1, 12, 3, 7, 2, 9, 5]
+    prompts.write_text("".join(json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": n,
+                                           "ignore_eos": True}) + "\n" for i, n in enumerate(lengths)))
+
+    def run(pp, *extra):
+        out = tmp_path / f"varied-{pp}-{len(extra)}.jsonl"
+        proc = run_module("framework.generate", [f"model_dir={path}", f"prompts={prompts}", f"output={out}",
+                                                 f"infer.pp={pp}", *extra], nproc=pp)
+        assert_ok(proc)
+        return [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+
+    one = run(1)
+    assert [len(t) for t in one] == lengths
+    assert run(1, "infer.packed_weights=false") == one
+    assert run(3, "infer.micro_batches=4") == one
