@@ -19,8 +19,8 @@ from framework.checkpoint.convert import export_step_dir
 from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.data.tokenizer import load_tokenizer
+from framework.infer.cpu_linear import pack_linears, packing_available
 from framework.infer.loader import DTYPES, load_stage, read_model_args, resolve_model_dir, rss_mb
-from framework.infer.packed_linear import pack_linears, packing_available
 from framework.infer.pipeline import Request, StageRunner
 from framework.infer.plan import format_plan, plan_stages
 from framework.infer.sampling import SamplingParams

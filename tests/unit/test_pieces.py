@@ -80,8 +80,8 @@ def test_launcher_args_and_error_lines():
     assert msg.startswith("unknown config key 'trainer.lrr'")
 
 
-def test_packed_linear_matches_f_linear_and_leaves_tied_weights():
-    from framework.infer.packed_linear import pack_linears, packing_available
+def test_relaid_linears_match_f_linear_and_leave_tied_weights():
+    from framework.infer.cpu_linear import PackedLinear, TransposedLinear, pack_linears, packing_available
     from framework.models.llama import Llama, ModelArgs
 
     if not packing_available(torch.float32, torch.device("cpu")):
@@ -89,19 +89,22 @@ def test_packed_linear_matches_f_linear_and_leaves_tied_weights():
     torch.manual_seed(0)
     args = ModelArgs(dim=512, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=1536, vocab_size=97, tie_embeddings=True)
     ref = Llama(args).eval()
-    packed = Llama(args).eval()
-    packed.load_state_dict(ref.state_dict())
-    packed.tie_weights()
-    # q, o and the three MLP matrices of each layer are packed; k and v (512x256) are too small to gain, and the
-    # LM head shares the embedding: those stay as they are
-    assert pack_linears(packed, rows_hint=4) == 5 * args.n_layers
-    assert type(packed.model.layers["0"].self_attn.k_proj) is torch.nn.Linear
-    assert packed.lm_head.weight is packed.model.embed_tokens.weight
-    small = Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval()
-    assert pack_linears(small, rows_hint=1) == 0  # per-call overhead would outweigh the gain
     tokens = torch.randint(0, 97, (3, 11))
     positions = torch.arange(11)[None].expand(3, 11)
     with torch.inference_mode():
-        a, b = ref(tokens=tokens, positions=positions), packed(tokens=tokens, positions=positions)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+        want = ref(tokens=tokens, positions=positions)
+    for rows, n_relaid, kind in ((4, 5, PackedLinear), (1, 7, TransposedLinear)):
+        model = Llama(args).eval()
+        model.load_state_dict(ref.state_dict())
+        model.tie_weights()
+        # several rows: q, o and the three MLP matrices of each layer are packed, k and v (512x256) are too small
+        # to gain; one row: all seven are stored transposed. The LM head shares the embedding and stays.
+        assert pack_linears(model, rows_hint=rows) == n_relaid * args.n_layers
+        assert type(model.model.layers["0"].mlp.down_proj) is kind
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        with torch.inference_mode():
+            got = model(tokens=tokens, positions=positions)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    small = Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval()
+    assert pack_linears(small, rows_hint=8) == 0  # the packed kernel's cost a call would outweigh its gain
