@@ -63,6 +63,7 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     load_hf_weights(model, model_dir, names=stage.tensor_names)
+    model.fuse_projections()
     from framework.models.llama import rope_inv_freq
 
     model.inv_freq = rope_inv_freq(args).to(device)

@@ -159,14 +159,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # inference: q, k and v as one matrix (Llama.fuse_projections)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0, rows=slice(None)):
         B, T, _ = x.shape
         hd = self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v, rows)
@@ -186,9 +191,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # inference: gate and up as one matrix (Llama.fuse_projections)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -230,6 +240,29 @@ class Llama(nn.Module):
         self.activation_checkpointing = False
 
     # -- construction helpers -------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Inference only: each layer's q, k, v projections become one matrix, and gate and up another, so that a
+        decode step makes 4 matrix products a layer instead of 7 (the separate weights are dropped). The
+        parameter names of checkpoints and exports are untouched: call this after loading."""
+
+        def fused(*linears: nn.Linear) -> nn.Linear:
+            w = linears[0].weight
+            out = nn.Linear(w.shape[1], sum(m.weight.shape[0] for m in linears), bias=linears[0].bias is not None,
+                            device=w.device, dtype=w.dtype)
+            out.weight.copy_(torch.cat([m.weight for m in linears]))
+            if out.bias is not None:
+                out.bias.copy_(torch.cat([m.bias for m in linears]))
+            return out.requires_grad_(False)
+
+        for layer in self.model.layers.values():
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_sizes = [m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            attn.qkv_proj = fused(attn.q_proj, attn.k_proj, attn.v_proj)
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+            mlp.gate_up_proj = fused(mlp.gate_proj, mlp.up_proj)
+            mlp.gate_proj = mlp.up_proj = None
+
     def tie_weights(self) -> None:
         """Share the embedding with the head when configured (again after ``to_empty``, which unties)."""
         if self.args.tie_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:

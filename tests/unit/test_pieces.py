@@ -93,14 +93,14 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
     positions = torch.arange(11)[None].expand(3, 11)
     with torch.inference_mode():
         want = ref(tokens=tokens, positions=positions)
-    for rows, n_relaid, kind in ((4, 5, PackedLinear), (1, 7, TransposedLinear)):
+    for rows, kind in ((4, PackedLinear), (1, TransposedLinear)):
         model = Llama(args).eval()
         model.load_state_dict(ref.state_dict())
         model.tie_weights()
-        # several rows: q, o and the three MLP matrices of each layer are packed, k and v (512x256) are too small
-        # to gain; one row: all seven are stored transposed. The LM head shares the embedding and stays.
-        assert pack_linears(model, rows_hint=rows) == n_relaid * args.n_layers
-        assert type(model.model.layers["0"].mlp.down_proj) is kind
+        model.fuse_projections()  # q|k|v and gate|up as one matrix each, as the inference loader does
+        # every layer's four matrices take the faster layout; the LM head shares the embedding and stays
+        assert pack_linears(model, rows_hint=rows) == 4 * args.n_layers
+        assert type(model.model.layers["0"].self_attn.qkv_proj) is kind
         assert model.lm_head.weight is model.model.embed_tokens.weight
         with torch.inference_mode():
             got = model(tokens=tokens, positions=positions)
