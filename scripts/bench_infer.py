@@ -121,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
     ap.add_argument("--only", default=None, choices=["a", "b"], help="run one part")
+    ap.add_argument("--shapes", default="small,30m", help="CPU: the model shapes of (a); (b) uses the last")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--requests", type=int, default=256, help="(b): requests, all decoded as one batch")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the configurations, interleaved (medians reported)")
@@ -129,7 +130,7 @@ def main() -> None:
     dtype = "bf16" if a.flavor == "1b" else "fp32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = tempfile.mkdtemp(prefix="bench_infer_")
-    flavors = ["small", "30m"] if a.flavor == "cpu" else [a.flavor]
+    flavors = a.shapes.split(",") if a.flavor == "cpu" else [a.flavor]
     for f in flavors:
         make_model(os.path.join(tmp, f), f)
     path = os.path.join(tmp, flavors[-1])
@@ -140,7 +141,7 @@ def main() -> None:
     rows = []
     for flavor in flavors if a.only in (None, "a") else []:
         for batch in (1, 8):
-            n = 4 if batch == 1 else 32
+            n = 4 if batch == 1 else 64  # runs of a few seconds at least: shorter ones are at the mercy of the VM
             sub = os.path.join(tmp, f"p{batch}.jsonl")
             with open(sub, "w") as f:
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
