@@ -210,7 +210,8 @@ class InferConfig:
     device: str = "auto"
     backend: str = "auto"
     packed_weights: bool = True
-    """fp32 on CPU: pack the linear weights once at load into oneDNN's layout (faster decode; False keeps F.linear)."""
+    """fp32 on CPU: lay the linear weights out once at load for the decode batch (transposed for one row a call,
+    oneDNN's blocked layout for several; framework/infer/cpu_linear.py). False keeps F.linear."""
     summary: str | None = None
     """Write a JSON summary (tokens_per_s, ttft_s, tpot_s, stage busy fractions) here."""
     progress: bool = True

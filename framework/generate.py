@@ -21,10 +21,9 @@ from framework.config import GenerateConfig  # noqa: E402
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     from framework.infer.runner import generate
-    from framework.parallel.distributed import barrier, destroy
+    from framework.parallel.distributed import destroy
 
     generate(cfg)
-    barrier()  # every stage leaves together: none tears its connections down while the others still talk
     destroy()
 
 

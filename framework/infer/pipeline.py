@@ -156,20 +156,14 @@ class StageRunner:
     # the token ids, so each hop costs one wake-up of the receiver, not two. Every message is sent with isend, and
     # the receive for the next message is posted before this stage computes: gloo (like NCCL) moves the bytes only
     # once the receiver has posted its buffer, so a receive posted late puts a round trip on the critical path.
-    def _send(self, msg: torch.Tensor, dst: int) -> list:
-        return [dist.isend(msg, dst)]
-
-    def _send_hidden(self, flag: int, hidden: torch.Tensor | None, numel: int, dst: int) -> list:
+    def _send_hidden(self, flag: int, hidden: torch.Tensor | None, numel: int, dst: int):
         msg = torch.empty(numel + 1, dtype=self.dtype, device=self.device)
-        if hidden is not None:
-            msg[:numel] = hidden.reshape(-1)
-        else:
-            msg[:numel] = 0
+        msg[:numel] = 0 if hidden is None else hidden.reshape(-1)
         msg[numel] = flag
-        return self._send(msg, dst)
+        return dist.isend(msg, dst)
 
-    def _send_tokens(self, flag: int, tokens: torch.Tensor, dst: int) -> list:
-        return self._send(torch.cat([torch.tensor([flag], dtype=torch.long, device=self.device), tokens]), dst)
+    def _send_tokens(self, flag: int, tokens: torch.Tensor, dst: int):
+        return dist.isend(torch.cat([torch.tensor([flag], dtype=torch.long, device=self.device), tokens]), dst)
 
     # -- the schedule -----------------------------------------------------------------------------
     def run_batch(self, requests: list[Request], n_micro: int, on_done=None) -> list[RowState] | None:
@@ -206,7 +200,7 @@ class StageRunner:
         if self.first:
             for m in active:
                 out = self.forward(mbs[m], ids[m], prefill=True)
-                pending += self._send_hidden(GO, out, out.numel(), nxt)
+                pending.append(self._send_hidden(GO, out, out.numel(), nxt))
                 prefilled[m] = True
         i = 0
         while active:
@@ -215,7 +209,7 @@ class StageRunner:
             flag = int(msg[0]) if self.first else int(msg[-1].item())
             if flag == STOP:  # every row of m is finished: pass the word on and drop m from the rotation
                 if not self.last:
-                    pending += self._send_hidden(STOP, None, hidden_numel(m), nxt)
+                    pending.append(self._send_hidden(STOP, None, hidden_numel(m), nxt))
                 active.pop(i)
                 if self.first and on_done:
                     on_done(len(mbs[m].rows))
@@ -234,9 +228,9 @@ class StageRunner:
                 out = self.forward(mbs[m], hidden, prefill=not was_prefilled)
             if self.last:
                 tokens, done = self.sample(mbs[m], out, states[m])
-                pending += self._send_tokens(STOP if done else GO, tokens, 0)
+                pending.append(self._send_tokens(STOP if done else GO, tokens, 0))
             else:
-                pending += self._send_hidden(GO, out, out.numel(), nxt)
+                pending.append(self._send_hidden(GO, out, out.numel(), nxt))
             # Free the buffers of sends that completed, so memory stays flat on long generations.
             pending = [w for w in pending if not w.is_completed()]
         for w in pending:

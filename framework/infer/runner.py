@@ -131,7 +131,8 @@ def generate(cfg) -> dict:
     model = load_stage(model_dir, args, stage, device, dtype)
     n_micro = inf.micro_batches or inf.pp
     if inf.packed_weights and packing_available(dtype, device):
-        pack_linears(model, rows_hint=-(-min(inf.batch_size, max(len(payload["requests"]), 1)) // n_micro))
+        batch_rows = min(inf.batch_size, max(len(payload["requests"]), 1))
+        pack_linears(model, rows_hint=-(-batch_rows // n_micro))  # the rows of one decode micro-batch
     loaded_mb = rss_mb() - rss0
     mem = [None] * world
     dist.all_gather_object(mem, {"stage": rank, "weights_mb": stage.bytes / 2**20, "rss_delta_mb": loaded_mb})

@@ -247,13 +247,13 @@ class Llama(nn.Module):
         parameter names of checkpoints and exports are untouched: call this after loading."""
 
         def fused(*linears: nn.Linear) -> nn.Linear:
-            w = linears[0].weight
-            out = nn.Linear(w.shape[1], sum(m.weight.shape[0] for m in linears), bias=linears[0].bias is not None,
-                            device=w.device, dtype=w.dtype)
-            out.weight.copy_(torch.cat([m.weight for m in linears]))
-            if out.bias is not None:
-                out.bias.copy_(torch.cat([m.bias for m in linears]))
-            return out.requires_grad_(False)
+            has_bias = linears[0].bias is not None
+            out = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=has_bias,
+                            device="meta")  # no initialisation: the weights are the concatenation
+            out.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
+            if has_bias:
+                out.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
+            return out
 
         for layer in self.model.layers.values():
             attn, mlp = layer.self_attn, layer.mlp

@@ -97,5 +97,8 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 
 def destroy() -> None:
+    """Leave together, then tear the process group down: a rank that exits while its peers still talk (or with
+    receives they answered a moment ago) can abort in gloo's teardown."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
