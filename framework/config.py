@@ -181,16 +181,35 @@ class ExportConfig:
 
 @dataclass
 class InferConfig:
-    """The pipeline-parallel runner."""
+    """The inference engine: pp x tp stage workers, continuous batching, static KV cache (framework/infer)."""
 
     pp: int = 1
-    """Pipeline stages (one process each); must equal the world size."""
+    """Pipeline stages; world size = pp x tp."""
+    tp: int = 1
+    """Tensor-parallel ranks inside each stage (not yet supported: must be 1)."""
     split: list[int] | None = None
     """Layers per stage, e.g. [3,5,5,3]; None splits evenly."""
     micro_batches: int = 0
-    """Micro-batches in flight; 0 picks pp (one per stage)."""
-    batch_size: int = 16
-    """Requests decoded together (split into micro-batches)."""
+    """Groups of running sequences in flight around the pipeline ring; 0 picks pp (one per stage)."""
+    max_batch: int = 256
+    """Most sequences running at once (vLLM's max_num_seqs); the KV cache has this many slots at most."""
+    batch_size: int | None = None
+    """Alias of max_batch (older configs)."""
+    prefill_chunk: int = 512
+    """Most prompt tokens prefilled in one step, interleaved with the decode of running rows."""
+    max_seq_len: int | None = None
+    """Longest sequence (prompt + new tokens) a KV slot holds; None: the model's context, capped by the
+    longest request of a batch job."""
+    kv_cache_gb: float = 4.0
+    """CPU: KV cache memory per stage, in GiB (slots = min(max_batch, what fits))."""
+    gpu_memory_utilization: float = 0.9
+    """CUDA: share of the device's free memory (after the weights) given to the KV cache."""
+    compile: bool | None = None
+    """torch.compile the decode step (CUDA graphs on GPU); None: on for CUDA, off for CPU."""
+    quant: str | None = None
+    """Quantize while loading: int8 or int4 (weight-only); None keeps the export's weights."""
+    quant_group_size: int = 128
+    """int4 quantization group size (quant=int4)."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     """0 means greedy."""
@@ -205,8 +224,8 @@ class InferConfig:
     """Stop strings."""
     ignore_eos: bool = False
     """Keep generating past EOS up to max_new_tokens (benchmarks)."""
-    dtype: str = "fp32"
-    """fp32, bf16 or fp16."""
+    dtype: str | None = None
+    """fp32, bf16 or fp16; None: the export's torch_dtype on CUDA, fp32 on CPU."""
     device: str = "auto"
     backend: str = "auto"
     packed_weights: bool = True
