@@ -197,6 +197,9 @@ class InferConfig:
     """Alias of max_batch (older configs)."""
     prefill_chunk: int = 512
     """Most prompt tokens prefilled in one step, interleaved with the decode of running rows."""
+    scheduler: str = "continuous"
+    """continuous (finished rows leave and waiting requests take their slots between steps) or static (the
+    baseline: a group of max_batch requests runs until its last row finishes)."""
     max_seq_len: int | None = None
     """Longest sequence (prompt + new tokens) a KV slot holds; None: the model's context, capped by the
     longest request of a batch job."""
@@ -249,8 +252,79 @@ class GenerateConfig:
     infer: InferConfig = field(default_factory=InferConfig)
 
 
+@dataclass
+class QuantConfig:
+    """Weight-only quantization (method=int8 or int4; framework/compress/quantize.py)."""
+
+    group_size: int = 128
+    """int4: input features sharing a scale and a zero point (32, 64, 128 or 256; must divide every layer's)."""
+    head: bool = False
+    """Also quantize the LM head (never a head tied to the embedding); the embedding always stays as it is."""
+
+
+@dataclass
+class CalibConfig:
+    """Calibration text for Wanda: the inputs of every linear layer are measured on these tokens."""
+
+    data: str | None = "stdlib"
+    """A data source: a config of configs/data (stdlib, synthetic, files with calib.paths, hub)."""
+    paths: list[str] = field(default_factory=list)
+    """Files for calib.data=files (.txt, .jsonl, .json, .parquet)."""
+    samples: int = 128
+    """Sequences of calib.seq_len tokens."""
+    seq_len: int = 128
+    """Tokens per calibration sequence."""
+    max_chars: int = 1_000_000
+    """Corpus characters read."""
+    seed: int = 0
+    """Which blocks are drawn."""
+
+
+@dataclass
+class CompressConfig:
+    model_dir: str | None = None
+    """The model to compress: an export or a run directory (its export/), or any Llama/Qwen2 HF directory."""
+    out: str | None = None
+    """Output directory (a compressed export); defaults to <model_dir>-<method>."""
+    method: str | None = None
+    """int8 (per channel) or int4 (groupwise) weight-only quantization; magnitude or wanda pruning."""
+    sparsity: str | None = None
+    """Pruning: a ratio in (0, 1) such as 0.5, or an N:M pattern such as 2:4 (N kept of every M)."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    max_shard_size_mb: int = 2000
+    """Largest output shard, in MiB."""
+
+
+@dataclass
+class EvalConfig:
+    model_dir: str | None = None
+    """Any model directory: an export or run directory of ours, a compressed export, a Hugging Face one."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus; its held-out blocks are scored (the same split as training given the same data keys, seq_len
+    and seed)."""
+    seq_len: int = 128
+    """Tokens per scored block."""
+    seed: int = 0
+    """Seed of the train/validation split (training's seed gives training's split)."""
+    batch_size: int = 8
+    max_batches: int = 0
+    """Score at most this many batches (0: every held-out block)."""
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16."""
+    quant: str | None = None
+    """Quantize while loading (int8 or int4), as infer.quant does."""
+    quant_group_size: int = 128
+    output: str | None = None
+    """Write the result as JSON here (default: print only)."""
+    cache_dir: str | None = None
+    """Where the tokenized blocks are kept between runs (default: a temporary directory)."""
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="compress_schema", node=CompressConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="generate_schema", node=GenerateConfig)

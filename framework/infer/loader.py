@@ -8,7 +8,9 @@ import resource
 import torch
 
 from framework.cli import UserError
+from framework.infer.cpu_linear import pack_linears, packing_available
 from framework.infer.plan import Stage
+from framework.infer.worker import StageWeights
 from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config, weight_map
 from framework.models.llama import Llama, ModelArgs
 
@@ -56,15 +58,44 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.device, dtype: torch.dtype) -> Llama:
-    """Build the stage on the meta device, materialize only what it holds, read only its tensors."""
+def default_dtype(name: str | None, model_dir: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """infer.dtype, or the export's torch_dtype on CUDA and fp32 on CPU. Raises UserError for an unknown one."""
+    if name is None:
+        hf = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        cfg = read_hf_config(model_dir)
+        name = hf.get(str(cfg.get("torch_dtype", cfg.get("dtype", "float32"))), "fp32") if device.type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise UserError(f"infer.dtype={name}: use fp32, bf16 or fp16")
+    return name, DTYPES[name]
+
+
+def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.device, dtype: torch.dtype,
+               quant: str | None = None, group_size: int = 128, rows_hint: int | None = None) -> StageWeights:
+    """One stage's weights, laid out for inference.
+
+    Built on the meta device and materialised with only what the stage holds; only its tensors are read
+    (memory-mapped). A compressed export's quantized tensors load into quantized modules. Then q|k|v and
+    gate|up become one matrix each; ``quant`` quantizes while loading; on CPU in fp32 the remaining linear
+    weights are laid out for a decode step of ``rows_hint`` rows (framework/infer/cpu_linear.py).
+    """
     with torch.device("meta"):
         model = Llama(args).keep_only(stage.layers, stage.first, stage.last)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
-    load_hf_weights(model, model_dir, names=stage.tensor_names)
-    model.fuse_projections()
-    from framework.models.llama import rope_inv_freq
+    quantization = read_hf_config(model_dir).get("quantization_config")
+    if quantization:
+        from framework.compress.quantize import load_quantized
 
-    model.inv_freq = rope_inv_freq(args).to(device)
-    return model.eval()
+        load_quantized(model, model_dir, stage.tensor_names, quantization, device)
+    else:
+        load_hf_weights(model, model_dir, names=stage.tensor_names)
+    weights = StageWeights(model).eval()
+    if quant:
+        if quantization:
+            raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
+        from framework.compress.quantize import quantize_linears
+
+        quantize_linears(weights, method=quant, group_size=group_size, head=False)
+    if rows_hint is not None and packing_available(dtype, device):
+        pack_linears(weights, rows_hint=rows_hint)
+    return weights

@@ -1,7 +1,8 @@
 """The batch generation job behind ``python -m framework.generate``.
 
-Rank 0 reads and tokenizes the requests, every stage loads its own tensors, batches run through the pipeline,
-and the last stage's results come back to rank 0, which writes them (JSONL) and the summary.
+Rank 0 reads and tokenizes the requests (a request that can never fit gets its own error line), every stage loads
+its own tensors and sizes its KV cache, then all requests go to the engine's scheduler at once: continuous
+batching admits them as slots free up. Rank 0 holds the results, writes them (JSONL) and the summary.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from framework.checkpoint.convert import export_step_dir
 from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.data.tokenizer import load_tokenizer
-from framework.infer.cpu_linear import pack_linears, packing_available
-from framework.infer.loader import DTYPES, load_stage, read_model_args, resolve_model_dir, rss_mb
-from framework.infer.pipeline import Request, StageRunner
+from framework.infer.engine import Engine
+from framework.infer.loader import default_dtype, load_stage, read_model_args, resolve_model_dir, rss_mb
 from framework.infer.plan import format_plan, plan_stages
-from framework.infer.sampling import SamplingParams
+from framework.infer.sampler import SamplingParams
+from framework.infer.scheduler import Request
 from framework.parallel.distributed import barrier, broadcast_object, init_distributed, pick_device
 
 
@@ -73,30 +74,103 @@ def sampling_for(req: dict, cfg: GenerateConfig) -> SamplingParams:
     )
 
 
+def validate_requests(raw: list[dict], cfg: GenerateConfig, tokenizer, context: int) -> tuple[list, list[dict], int]:
+    """(requests (line, ids, params, id), errors, KV length a slot needs). A request that can never fit gets its
+    own error; the others are served."""
+    inf = cfg.infer
+    limit = min(context, inf.max_seq_len) if inf.max_seq_len else context
+    requests, errors = [], []
+    for r in raw:
+        n = r["line"]
+        try:
+            params = sampling_for(r, cfg)
+        except (TypeError, ValueError) as exc:
+            errors.append({"line": n, "error": f"line {n}: {exc}"})
+            continue
+        ids = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        if not ids:
+            errors.append({"line": n, "error": f"line {n}: empty prompt"})
+        elif params.max_new_tokens < 1:
+            errors.append({"line": n, "error": f"line {n}: max_new_tokens={params.max_new_tokens}: ask for at least 1"})
+        elif len(ids) + params.max_new_tokens > limit:
+            what = "the model's context" if limit == context else "infer.max_seq_len"
+            errors.append({"line": n, "error": f"line {n}: prompt of {len(ids)} tokens + max_new_tokens="
+                                               f"{params.max_new_tokens} exceeds {what} of {limit}: shorten the prompt "
+                                               f"or lower max_new_tokens"})
+        else:
+            requests.append((n, ids, params, r.get("id")))
+    need = max((len(ids) + p.max_new_tokens for _, ids, p, _ in requests), default=1)
+    max_len = inf.max_seq_len or min(-(-need // 16) * 16, context)
+    return requests, errors, max_len
+
+
+def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_requests: int, max_len: int,
+                 tokenizer, say) -> tuple[Engine, int]:
+    """Load this rank's stage, size the KV cache (every stage agrees on the slot count), and wire the parts."""
+    from framework.infer.cache import KVCache, bytes_per_slot, fit_slots, kv_budget_bytes
+    from framework.infer.sampler import Sampler
+    from framework.infer.scheduler import Scheduler, StepPlan
+    from framework.infer.transport import Transport
+    from framework.infer.worker import StageWorker
+
+    stage, pp = stages[rank], inf.pp
+    max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
+    lanes = inf.micro_batches or pp
+    per_slot = bytes_per_slot(len(stage.layers), args.kv_heads, args.head_dim, max_len, dtype)
+    if device.type == "cpu":  # refused before any weight is read
+        fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch, max_len)
+    wanted = max(1, min(max_batch, n_requests))
+    rows_hint = -(-wanted // lanes) if inf.packed_weights else None
+    weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
+                         rows_hint=rows_hint)
+    slots = min(fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch,
+                          max_len), wanted)
+    if pp > 1:
+        box = [None] * pp
+        dist.all_gather_object(box, slots)
+        slots = min(box)
+    cache = KVCache(stage.layers, slots, args.kv_heads, max_len, args.head_dim, dtype, device)
+    compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
+    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode)
+    capacity = StepPlan.capacity(slots, inf.prefill_chunk)
+    transport = Transport(rank, pp, device, capacity, args.dim, dtype) if pp > 1 else None
+    sampler = Sampler(slots, args.vocab_size, device) if stage.last else None
+    scheduler = None
+    if stage.first:
+        scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_id=tokenizer.eos_token_id, tokenizer=tokenizer,
+                              policy=inf.scheduler)
+    say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a stage; "
+        f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}")
+    return Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport), slots
+
+
 def generate(cfg) -> dict:
     """Run the job; returns the summary (rank 0) and writes outputs. Every rank calls this."""
     cfg = as_generate_config(cfg)
     inf = cfg.infer
-    if inf.dtype not in DTYPES:
-        raise UserError(f"infer.dtype={inf.dtype}: use fp32, bf16 or fp16")
+    if inf.tp != 1:
+        raise UserError(f"infer.tp={inf.tp}: tensor-parallel inference is not available yet; use infer.tp=1")
     model_dir, export_from = resolve_model_dir(cfg.model_dir)
     if export_from is None:
         args = read_model_args(model_dir)
     device = pick_device(inf.device)
+    if export_from is None:
+        dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
     rank, world = init_distributed(device, inf.backend, inf.timeout_s)
-    if world != inf.pp:
-        raise UserError(f"infer.pp={inf.pp} but {world} processes were launched: use torchrun --nproc_per_node={inf.pp}")
+    if world != inf.pp * inf.tp:
+        raise UserError(f"infer.pp={inf.pp} x infer.tp={inf.tp} but {world} processes were launched: use "
+                        f"torchrun --nproc_per_node={inf.pp * inf.tp}")
     if export_from is not None:  # a training checkpoint: every rank writes its share of the export first
         if rank == 0:
             print(f"[miaotui] exporting {export_from} -> {model_dir}", file=sys.stderr, flush=True)
         export_step_dir(export_from, model_dir)
         args = read_model_args(model_dir)
-    dtype = DTYPES[inf.dtype]
+        dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
     stages = plan_stages(args, inf.pp, inf.split, torch.tensor([], dtype=dtype).element_size())
     stage = stages[rank]
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
     say(f"[miaotui] {model_dir}: {args.num_params() / 1e6:.2f}M parameters, {args.n_layers} layers, "
-        f"pp={inf.pp}, dtype={inf.dtype}, device={device.type}\n{format_plan(stages)}")
+        f"pp={inf.pp}, dtype={dtype_name}, device={device.type}\n{format_plan(stages)}")
 
     tokenizer = load_tokenizer(model_dir)
     # Requests are read and checked by rank 0 before any weight is loaded.
@@ -104,18 +178,9 @@ def generate(cfg) -> dict:
     if rank == 0:
         try:
             raw, errors = read_requests(cfg)
-            payload = {"requests": [], "errors": errors}
-            for r in raw:
-                ids = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-                params = sampling_for(r, cfg)
-                if not ids:
-                    errors.append({"line": r["line"], "error": f"line {r['line']}: empty prompt"})
-                elif len(ids) + params.max_new_tokens > args.max_seq_len:
-                    errors.append({"line": r["line"], "error":
-                                   f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
-                                   f"model's context of {args.max_seq_len}: shorten the prompt or lower max_new_tokens"})
-                else:
-                    payload["requests"].append((r["line"], ids, params, r.get("id")))
+            requests, more_errors, max_len = validate_requests(raw, cfg, tokenizer, args.max_seq_len)
+            errors += more_errors
+            payload = {"requests": requests, "errors": errors, "max_len": max_len}
             if cfg.prompt is not None and errors:
                 raise UserError(errors[0]["error"])
         except UserError as exc:
@@ -128,76 +193,73 @@ def generate(cfg) -> dict:
 
     rss0 = rss_mb()
     t_load = time.perf_counter()
-    model = load_stage(model_dir, args, stage, device, dtype)
-    n_micro = inf.micro_batches or inf.pp
-    if inf.packed_weights and packing_available(dtype, device):
-        batch_rows = min(inf.batch_size, max(len(payload["requests"]), 1))
-        pack_linears(model, rows_hint=-(-batch_rows // n_micro))  # the rows of one decode micro-batch
+    engine, _ = build_engine(inf, model_dir, args, stages, rank, device, dtype, len(payload["requests"]),
+                             payload["max_len"], tokenizer, say)
     loaded_mb = rss_mb() - rss0
     mem = [None] * world
     dist.all_gather_object(mem, {"stage": rank, "weights_mb": stage.bytes / 2**20, "rss_delta_mb": loaded_mb})
     say("[miaotui] loaded in {:.2f}s; per stage: {}".format(time.perf_counter() - t_load, ", ".join(
         f"stage {m['stage']} weights {m['weights_mb']:.1f} MiB / memory +{m['rss_delta_mb']:.1f} MiB" for m in mem)))
 
-    runner = StageRunner(model, rank, inf.pp, device, dtype, tokenizer=tokenizer, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    requests = [Request(i, ids, params) for i, (_, ids, params, _) in enumerate(payload["requests"])]
+    finished = []
     bar = None
-    if rank == 0 and inf.progress and len(requests) > inf.batch_size:
-        from tqdm.auto import tqdm
+    if rank == 0:
+        if inf.progress and len(payload["requests"]) > 16:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), desc="generate", file=sys.stderr)
+            bar = tqdm(total=len(payload["requests"]), desc="generate", file=sys.stderr)
+
+        def on_finish(seq):
+            finished.append(seq)
+            if bar:
+                bar.update(1)
+
+        engine.scheduler.on_finish = on_finish
     barrier()
     t0 = time.perf_counter()
-    results = []
-    decode = [0, 0.0]  # tokens after each row's first, and the seconds from a batch's first token to its last
-    for b in range(0, len(requests), inf.batch_size):
-        out = runner.run_batch(requests[b: b + inf.batch_size], n_micro, on_done=bar.update if bar else None)
-        if runner.last and out is not None:
-            results += [{"index": st.request.index, "ids": st.generated, "finish_reason": st.finish_reason,
-                         "text": st.text if st.text else None,
-                         "ttft_s": (st.t_first - t0) if st.t_first else None,
-                         "tpot_s": ((st.t_last - st.t_first) / (len(st.generated) - 1)) if len(st.generated) > 1 else None}
-                        for st in out]
-            firsts = [st.t_first for st in out if st.t_first]
-            if firsts:
-                decode[0] += sum(max(len(st.generated) - 1, 0) for st in out)
-                decode[1] += max(st.t_last for st in out if st.t_last) - min(firsts)
+    if rank == 0:
+        for i, (_, ids, params, _) in enumerate(payload["requests"]):
+            engine.scheduler.add(Request(i, ids, params, arrival=t0))
+    engine.run()
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
     busy = [None] * world
-    dist.all_gather_object(busy, runner.busy_s / wall if wall > 0 else 0.0)
-    if inf.pp > 1:  # results live on the last stage
-        box = [(results, decode)]
-        if rank == inf.pp - 1:
-            dist.send_object_list(box, dst=0)
-        elif rank == 0:
-            dist.recv_object_list(box, src=inf.pp - 1)
-        results, decode = box[0]
+    dist.all_gather_object(busy, engine.worker.busy_s / wall if wall > 0 else 0.0)
     if rank != 0:
         return {}
 
-    results.sort(key=lambda r: r["index"])
+    finished.sort(key=lambda s: s.request.index)
     lines = []
-    for r in results:
-        line, ids, params, rid = payload["requests"][r["index"]]
-        text = r["text"] if r["text"] is not None else tokenizer.decode(r["ids"], skip_special_tokens=True)
+    for s in finished:
+        line, ids, params, rid = payload["requests"][s.request.index]
+        text = s.text if s.text is not None else tokenizer.decode(s.generated, skip_special_tokens=True)
+        n = len(s.generated)
         lines.append({"line": line, **({"id": rid} if rid is not None else {}), "prompt": tokenizer.decode(ids),
-                      "text": text, "token_ids": r["ids"], "finish_reason": r["finish_reason"],
-                      "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"]})
+                      "text": text, "token_ids": s.generated, "finish_reason": s.finish_reason,
+                      "ttft_s": s.t_first - t0, "tpot_s": (s.t_last - s.t_first) / (n - 1) if n > 1 else None,
+                      "latency_s": s.t_done - t0})
     lines += payload["errors"]
     lines.sort(key=lambda x: x["line"])
-    n_tokens = sum(len(r["ids"]) for r in results)
-    ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
-    tpots = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
+    n_tokens = sum(len(s.generated) for s in finished)
+    decode_tokens = sum(len(s.generated) - 1 for s in finished)
+    decode_span = (max(s.t_last for s in finished) - min(s.t_first for s in finished)) if finished else 0.0
+    ttfts = [x["ttft_s"] for x in lines if x.get("ttft_s") is not None]
+    tpots = [x["tpot_s"] for x in lines if x.get("tpot_s") is not None]
+    latencies = sorted(x["latency_s"] for x in lines if x.get("latency_s") is not None)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
     summary = {
-        "requests": len(results), "errors": len(payload["errors"]), "generated_tokens": n_tokens,
+        "requests": len(finished), "errors": len(payload["errors"]), "generated_tokens": n_tokens,
         "wall_s": wall, "tokens_per_s": n_tokens / wall if wall > 0 else 0.0,
-        # steady-state decode: the tokens after each row's first over the time from a batch's first token to its last
-        "decode_tokens_per_s": decode[0] / decode[1] if decode[1] > 0 else None,
+        # steady-state decode: the tokens after each row's first over the time from the first token to the last
+        "decode_tokens_per_s": decode_tokens / decode_span if decode_span > 0 else None,
         "ttft_s": sum(ttfts) / len(ttfts) if ttfts else None, "tpot_s": sum(tpots) / len(tpots) if tpots else None,
-        "stage_busy_fraction": busy, "pp": inf.pp, "micro_batches": n_micro, "stage_memory": mem,
+        "latency_p50_s": pct(latencies, 0.5), "latency_p99_s": pct(latencies, 0.99),
+        "stage_busy_fraction": busy, "pp": inf.pp, "micro_batches": inf.micro_batches or inf.pp,
+        "steps": engine.steps, "stage_memory": mem,
     }
     if cfg.output:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)

@@ -133,23 +133,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class KVCache(nn.Module):
-    """A preallocated key/value cache for one layer: (B, n_kv, S, hd) each, written in place."""
-
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, n_kv, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)):
-        """Write k, v (b, n_kv, T, hd) at positions start..start+T of batch ``rows``; return the filled prefix."""
-        end = start + k.shape[2]
-        self.k[rows, :, start:end] = k
-        self.v[rows, :, start:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -159,26 +142,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # inference: q, k and v as one matrix (Llama.fuse_projections)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0, rows=slice(None)):
+    def forward(self, x, cos, sin, mask=None):
         B, T, _ = x.shape
         hd = self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1 heads: under tensor parallelism the projections hold only this rank's heads.
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(cache_start, k, v, rows)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
-            # One new query against a cache attends to every cached key; otherwise plain causal attention.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
@@ -191,14 +167,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # inference: gate and up as one matrix (Llama.fuse_projections)
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -209,8 +180,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0, rows=slice(None)):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, rows)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,29 +211,6 @@ class Llama(nn.Module):
         self.activation_checkpointing = False
 
     # -- construction helpers -------------------------------------------------------------------
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """Inference only: each layer's q, k, v projections become one matrix, and gate and up another, so that a
-        decode step makes 4 matrix products a layer instead of 7 (the separate weights are dropped). The
-        parameter names of checkpoints and exports are untouched: call this after loading."""
-
-        def fused(*linears: nn.Linear) -> nn.Linear:
-            has_bias = linears[0].bias is not None
-            out = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=has_bias,
-                            device="meta")  # no initialisation: the weights are the concatenation
-            out.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
-            if has_bias:
-                out.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
-            return out
-
-        for layer in self.model.layers.values():
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_sizes = [m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-            attn.qkv_proj = fused(attn.q_proj, attn.k_proj, attn.v_proj)
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-            mlp.gate_up_proj = fused(mlp.gate_proj, mlp.up_proj)
-            mlp.gate_proj = mlp.up_proj = None
-
     def tie_weights(self) -> None:
         """Share the embedding with the head when configured (again after ``to_empty``, which unties)."""
         if self.args.tie_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
@@ -307,26 +255,22 @@ class Llama(nn.Module):
         hidden: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        caches: dict | None = None,
-        cache_start: int = 0,
-        rows=slice(None),
     ) -> torch.Tensor:
         """tokens (B, T) on the first stage, hidden (B, T, D) on the others.
 
         positions (B, T) default to 0..T-1; mask is an additive or boolean (B, 1, T, S) attention mask, None
-        for plain causal attention; caches maps a layer key to its KVCache for decoding.
+        for plain causal attention. Inference runs the same weights through framework/infer/worker.py.
         """
         x = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None and tokens is not None else hidden
         B, T = x.shape[:2]
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for key, layer in self.model.layers.items():
-            cache = caches[key] if caches is not None else None
+        for layer in self.model.layers.values():
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, cache_start, rows)
+                x = layer(x, cos, sin, mask)
         if self.lm_head is None:
             return x
         return self.lm_head(self.model.norm(x))

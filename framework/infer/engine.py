@@ -1,0 +1,88 @@
+"""The engine loop of one rank: stage 0 schedules and sends steps around the ring, the others follow.
+
+Stage 0 keeps up to one step per lane in flight: whenever a lane is idle and has work it schedules the lane's
+next step, runs its layers and sends it on; otherwise it waits for the oldest step's sampled tokens and hands
+them to the scheduler. Every other stage runs the plans it receives, in order, and the last one samples and
+sends the ids back to stage 0. At pp=1 the same loop runs without sending: schedule, run, sample, complete.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from framework.infer.sampler import Sampler
+from framework.infer.scheduler import STOP, Scheduler, StepPlan
+from framework.infer.transport import Transport
+from framework.infer.worker import StageWorker
+
+
+class Engine:
+    def __init__(self, worker: StageWorker, rank: int, pp: int, device: torch.device, plan_capacity: int,
+                 sampler: Sampler | None = None, scheduler: Scheduler | None = None,
+                 transport: Transport | None = None):
+        self.worker, self.rank, self.pp, self.device = worker, rank, pp, device
+        self.sampler, self.scheduler, self.transport = sampler, scheduler, transport
+        self.capacity = plan_capacity
+        self.first, self.last = rank == 0, rank == pp - 1
+        self.steps = 0
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor:
+        s = self.sampler
+        s.admit(plan.new_slots, plan.new_params)
+        if s.seen is not None:
+            s.observe(torch.tensor(plan.token_slots(), device=self.device),
+                      torch.tensor(plan.tokens, device=self.device))
+        slots, pos = plan.sample_slots_positions()
+        return s(logits, torch.tensor(slots, device=self.device), torch.tensor(pos, device=self.device))
+
+    def run(self, more=None) -> None:
+        """Serve until the scheduler has no work (and ``more()``, when given, brings none)."""
+        if self.first:
+            self._run_first(more)
+        else:
+            self._run_follower()
+        if self.transport is not None:
+            self.transport.finish()
+
+    def _run_first(self, more) -> None:
+        sched, tr = self.scheduler, self.transport
+        in_flight: deque[StepPlan] = deque()
+        while True:
+            lane = sched.next_lane() if sched.has_work() else None
+            if lane is not None:
+                plan = sched.schedule(lane)
+                out = self.worker.step(plan, torch.tensor(plan.tokens, device=self.device))
+                self.steps += 1
+                if self.pp == 1:
+                    sched.complete(plan, self._sample(plan, out).tolist())
+                else:
+                    tr.post_tokens(plan.n_sample)  # posted before the send: the reply lands in a waiting buffer
+                    tr.send_step(plan.encode(self.capacity), out)
+                    in_flight.append(plan)
+                continue
+            if in_flight:
+                sched.complete(in_flight.popleft(), tr.take_tokens())
+                continue
+            if more is not None and more():
+                continue
+            break
+        if tr is not None:
+            tr.send_step(StepPlan(flag=STOP).encode(self.capacity), None)
+
+    def _run_follower(self) -> None:
+        tr = self.transport
+        tr.post_plan()
+        while True:
+            plan, buf, hidden = tr.recv_step()
+            if plan.flag == STOP:
+                if not self.last:
+                    tr.send_step(buf, None)
+                return
+            out = self.worker.step(plan, hidden)
+            self.steps += 1
+            if self.last:
+                tr.send_tokens(self._sample(plan, out))
+            else:
+                tr.send_step(buf, out)

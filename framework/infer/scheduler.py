@@ -1,0 +1,284 @@
+"""The scheduler: continuous batching, decided at stage 0, carried to every stage with the step.
+
+Running sequences are spread over lanes (one lane per micro-batch in flight around the pipeline ring; one lane
+at pp=1). When a lane's previous step has come back, the scheduler builds its next step:
+
+1. admit waiting requests into free KV slots while the lane holds fewer than its share of ``infer.max_batch``
+   and the step's prefill budget lasts (``static`` admits a new group only once everything has finished);
+2. one decode token for every row of the lane whose prompt is done;
+3. prompt chunks of admitted rows, at most ``infer.prefill_chunk`` prompt tokens in all, so a long prompt never
+   stalls the rows that decode beside it.
+
+Sampled tokens come back in the step's order; finished rows leave and free their slots at once, and the next
+step of the lane admits others into them. The pipe never drains between requests.
+
+A step travels as a ``StepPlan``: a few integer lists (slots, positions, chunk bounds, new rows' sampling
+parameters, input token ids) encoded into one fixed-size int64 tensor, so that every stage can post the receive
+for the next plan before it computes.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from framework.infer.cache import SlotPool
+from framework.infer.sampler import SamplingParams
+
+GO, STOP = 1, 0
+
+
+@dataclass
+class Request:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = 0.0
+
+
+@dataclass
+class Sequence:
+    request: Request
+    slot: int
+    lane: int
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None  # the text cut at a stop string
+    t_first: float | None = None
+    t_last: float | None = None
+    t_done: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+
+def _f2i(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _i2f(x: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(x)))[0]
+
+
+@dataclass
+class StepPlan:
+    """One step of one lane. Tokens are laid out as: one per decode row, then each prompt chunk in turn."""
+
+    lane: int = 0
+    flag: int = GO
+    dec_slots: list[int] = field(default_factory=list)
+    dec_pos: list[int] = field(default_factory=list)  # position of each decode row's input token
+    segs: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, length) prompt chunks
+    seg_sample: list[int] = field(default_factory=list)  # 1 where a chunk ends its prompt (sample after it)
+    new_slots: list[int] = field(default_factory=list)  # rows that appear for the first time
+    new_params: list[tuple[float, int, float, float, int]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # input token ids, in token order
+
+    HEADER = 8
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def token_positions(self) -> list[int]:
+        pos = list(self.dec_pos)
+        for _, start, length in self.segs:
+            pos.extend(range(start, start + length))
+        return pos
+
+    def token_slots(self) -> list[int]:
+        slots = list(self.dec_slots)
+        for slot, _, length in self.segs:
+            slots.extend([slot] * length)
+        return slots
+
+    def sample_rows(self) -> list[int]:
+        """Indices (in token order) of the tokens whose logits are sampled: every decode row, and the last
+        token of each chunk that ends a prompt."""
+        rows, off = list(range(len(self.dec_slots))), len(self.dec_slots)
+        for (_, _, length), s in zip(self.segs, self.seg_sample):
+            off += length
+            if s:
+                rows.append(off - 1)
+        return rows
+
+    def sample_slots_positions(self) -> tuple[list[int], list[int]]:
+        """Slot and position (of the token to be drawn) of every sampled row."""
+        slots = list(self.dec_slots)
+        pos = [p + 1 for p in self.dec_pos]
+        for (slot, start, length), s in zip(self.segs, self.seg_sample):
+            if s:
+                slots.append(slot)
+                pos.append(start + length)
+        return slots, pos
+
+    @property
+    def n_sample(self) -> int:
+        return len(self.dec_slots) + sum(self.seg_sample)
+
+    # -- wire format ------------------------------------------------------------------------------------
+    def encode(self, capacity: int) -> torch.Tensor:
+        n_dec, n_seg, n_new = len(self.dec_slots), len(self.segs), len(self.new_slots)
+        body = [self.flag, self.lane, n_dec, n_seg, n_new, len(self.tokens), 0, 0]
+        body += self.dec_slots + self.dec_pos
+        for (slot, start, length), s in zip(self.segs, self.seg_sample):
+            body += [slot, start, length, s]
+        for slot, (t, k, p, r, seed) in zip(self.new_slots, self.new_params):
+            body += [slot, _f2i(t), k, _f2i(p), _f2i(r), seed]
+        body += self.tokens
+        if len(body) > capacity:
+            raise ValueError(f"step plan of {len(body)} ints exceeds its buffer of {capacity}")
+        out = torch.zeros(capacity, dtype=torch.int64)
+        out[: len(body)] = torch.tensor(body, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def decode(cls, buf: torch.Tensor) -> StepPlan:
+        v = buf.tolist()
+        flag, lane, n_dec, n_seg, n_new, n_tok = v[:6]
+        i = cls.HEADER
+        plan = cls(lane=lane, flag=flag)
+        plan.dec_slots, plan.dec_pos = v[i: i + n_dec], v[i + n_dec: i + 2 * n_dec]
+        i += 2 * n_dec
+        for _ in range(n_seg):
+            slot, start, length, s = v[i: i + 4]
+            plan.segs.append((slot, start, length))
+            plan.seg_sample.append(s)
+            i += 4
+        for _ in range(n_new):
+            slot, t, k, p, r, seed = v[i: i + 6]
+            plan.new_slots.append(slot)
+            plan.new_params.append((_i2f(t), k, _i2f(p), _i2f(r), seed))
+            i += 6
+        plan.tokens = v[i: i + n_tok]
+        return plan
+
+    @staticmethod
+    def capacity(n_slots: int, prefill_chunk: int) -> int:
+        """Ints a plan can need: every slot decoding, admitted and chunked in one step, plus the prompt tokens."""
+        return StepPlan.HEADER + n_slots * (2 + 4 + 6 + 1) + prefill_chunk
+
+
+class Scheduler:
+    """Which sequences run in each lane's next step (stage 0 only)."""
+
+    def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_id: int | None = None, tokenizer=None,
+                 policy: str = "continuous"):
+        if policy not in ("continuous", "static"):
+            raise ValueError(f"unknown scheduling policy {policy}")
+        self.pool = SlotPool(n_slots)
+        self.lanes: list[list[Sequence]] = [[] for _ in range(n_lanes)]
+        self.lane_cap = -(-n_slots // n_lanes)
+        self.in_flight = [False] * n_lanes
+        self.waiting: deque[Request] = deque()
+        self.prefill_chunk, self.eos_id, self.tokenizer, self.policy = prefill_chunk, eos_id, tokenizer, policy
+        self._next = 0
+        self.on_finish = None  # callback(seq) for front ends (progress bars, streaming)
+        self.on_token = None  # callback(seq) after each new token
+
+    # -- state --------------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def running(self) -> int:
+        return sum(len(lane) for lane in self.lanes)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.running > 0
+
+    def _can_admit(self, lane: int) -> bool:
+        if not self.waiting or not len(self.pool) or len(self.lanes[lane]) >= self.lane_cap:
+            return False
+        return self.policy == "continuous" or self.running == 0  # static: a new group once everything left
+
+    def next_lane(self) -> int | None:
+        """An idle lane with something to do, round robin; None when every lane is busy or has nothing."""
+        n = len(self.lanes)
+        for i in range(n):
+            lane = (self._next + i) % n
+            if not self.in_flight[lane] and (self.lanes[lane] or self._can_admit(lane)):
+                self._next = (lane + 1) % n
+                return lane
+        return None
+
+    # -- decisions ----------------------------------------------------------------------------------------
+    def schedule(self, lane: int) -> StepPlan:
+        plan = StepPlan(lane=lane)
+        seqs = self.lanes[lane]
+        budget = self.prefill_chunk
+        if self.policy == "static" and self.running == 0 and self.waiting:
+            self._admit_static_group()
+        while self.policy == "continuous" and budget > sum(
+                s.prompt_len - s.prefilled for s in seqs if s.prefilled < s.prompt_len) and self._can_admit(lane):
+            req = self.waiting.popleft()
+            seq = Sequence(req, self.pool.take(), lane)
+            seqs.append(seq)
+        for s in seqs:  # decode rows: prompt done, last token back
+            if s.prefilled == s.prompt_len:
+                plan.dec_slots.append(s.slot)
+                plan.dec_pos.append(s.prompt_len + len(s.generated) - 1)
+                plan.tokens.append(s.generated[-1])
+        for s in seqs:  # prompt chunks, oldest first, within the budget
+            if s.prefilled < s.prompt_len and budget > 0:
+                n = min(s.prompt_len - s.prefilled, budget)
+                if s.prefilled == 0:
+                    p = s.request.params
+                    plan.new_slots.append(s.slot)
+                    plan.new_params.append((p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed))
+                plan.segs.append((s.slot, s.prefilled, n))
+                plan.seg_sample.append(int(s.prefilled + n == s.prompt_len))
+                plan.tokens.extend(s.request.prompt_ids[s.prefilled: s.prefilled + n])
+                budget -= n
+        self.in_flight[lane] = True
+        return plan
+
+    def _admit_static_group(self) -> None:
+        """Static batching (the baseline): the next group of requests, spread over the lanes, all at once."""
+        lane = 0
+        while self.waiting and len(self.pool):
+            self.lanes[lane].append(Sequence(self.waiting.popleft(), self.pool.take(), lane))
+            lane = (lane + 1) % len(self.lanes)
+
+    def complete(self, plan: StepPlan, tokens: list[int]) -> None:
+        """The lane's step came back with one sampled token per sampled row (plan order)."""
+        now = time.perf_counter()
+        seqs = {s.slot: s for s in self.lanes[plan.lane]}
+        it = iter(tokens)
+        for slot in plan.dec_slots:
+            self._append(seqs[slot], next(it), now)
+        for (slot, start, length), s in zip(plan.segs, plan.seg_sample):
+            seq = seqs[slot]
+            seq.prefilled = start + length
+            if s:
+                self._append(seq, next(it), now)
+        self.lanes[plan.lane] = [s for s in self.lanes[plan.lane] if s.finish_reason is None]
+        self.in_flight[plan.lane] = False
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+        p = seq.request.params
+        seq.generated.append(tok)
+        seq.t_first = seq.t_first or now
+        seq.t_last = now
+        if self.eos_id is not None and tok == self.eos_id and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            hit = [text.index(s) for s in p.stop if s in text]
+            if hit:
+                seq.finish_reason, seq.text = "stop", text[: min(hit)]
+        if seq.finish_reason is None and len(seq.generated) >= p.max_new_tokens:
+            seq.finish_reason = "length"
+        if self.on_token:
+            self.on_token(seq)
+        if seq.finish_reason is not None:
+            seq.t_done = now
+            self.pool.give(seq.slot)
+            if self.on_finish:
+                self.on_finish(seq)

@@ -1,0 +1,263 @@
+"""The stage worker: runs this rank's layers for one engine step, against the static KV cache.
+
+A step is a flat list of tokens: first one token for each decoding row, then the prompt chunks being prefilled
+(each a segment of one sequence). Every linear layer runs once over all of them, so the step reads each weight
+once whatever its mix; only attention treats the two kinds apart:
+
+- decode rows attend with a batched matmul against their slots' cached keys up to a shared window (the
+  longest row's length, rounded up), one boolean mask hiding each row's unwritten tail. Grouped-query heads
+  are a reshape (B, n_kv, group, hd), never a copy of K/V per query head.
+- a prompt chunk attends with SDPA against its slot's cache up to its end: causal from position 0 (the flash
+  kernels), with an offset mask for a chunk that continues a prompt.
+
+The weights are the model's own modules, rearranged once at load (``StageWeights.from_model``): q|k|v and
+gate|up fused into one matrix each, the rest as they are; the model file stays the training definition.
+The decode-only step has fixed shapes for a given (rows, window), so ``torch.compile`` applies to it
+(inductor on CPU; CUDA graphs through mode "reduce-overhead" on GPU, rows and window padded to buckets).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.infer.cache import KVCache
+from framework.models.llama import Llama, rope_inv_freq
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One module computing ``cat([m(x) for m in linears], -1)``: nn.Linear by concatenating weights, other
+    (quantized) modules through their ``cat`` classmethod."""
+    if all(type(m) is nn.Linear for m in linears):
+        first = linears[0]
+        out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                        device="meta")  # no initialisation: the weight is the concatenation
+        out.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
+        if first.bias is not None:
+            out.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
+        return out
+    return type(linears[0]).cat(linears)
+
+
+class RMSNormW(nn.Module):
+    """RMSNorm as transformers computes it (fp32 statistics, cast back, then the weight)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight, requires_grad=False), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class InferLayer(nn.Module):
+    def __init__(self, layer, eps: float):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = RMSNormW(layer.input_layernorm.weight.detach(), eps)
+        self.qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_sizes = [m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        self.o = attn.o_proj
+        self.post_norm = RMSNormW(layer.post_attention_layernorm.weight.detach(), eps)
+        self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+
+
+class StageWeights(nn.Module):
+    """What one stage holds, laid out for inference: embedding (first stage), layers, norm and head (last)."""
+
+    def __init__(self, model: Llama):
+        super().__init__()
+        args = model.args
+        self.args = args
+        self.embed = model.model.embed_tokens
+        self.layer_keys = [int(k) for k in model.model.layers.keys()]
+        self.layers = nn.ModuleList(InferLayer(layer, args.norm_eps) for layer in model.model.layers.values())
+        self.norm = RMSNormW(model.model.norm.weight.detach(), args.norm_eps) if model.model.norm is not None else None
+        self.lm_head = model.lm_head
+        device = next(model.parameters()).device
+        self.register_buffer("inv_freq", rope_inv_freq(args).to(device), persistent=False)
+        self.head_dim = args.head_dim
+        self.first, self.last = self.embed is not None, self.lm_head is not None
+
+
+def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, 1, hd) for positions (N,), computed in fp32 like transformers."""
+    freqs = positions[:, None].float() * inv_freq.float()[None, :]  # (N, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, hd) rotated by position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, window: int) -> torch.Tensor:
+    """One new query a row against its cached keys 0..position. q (B, H, hd) -> (B, H*hd)."""
+    B, H, hd = q.shape
+    if B == 1:  # one row: a view of its slot, exactly as long as its context, no mask
+        k, v = kc[slots[0], :, :window][None], vc[slots[0], :, :window][None]
+    else:
+        k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
+        v = vc[:, :, :window].index_select(0, slots)
+    kv = k.shape[1]
+    qg = q.view(B, kv, H // kv, hd)  # grouped-query heads share their K/V head: a reshape, no copy
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, W)
+    if B > 1:
+        hidden = torch.arange(window, device=q.device)[None, :] > positions[:, None]  # (B, W)
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    p = scores.float().softmax(-1).to(q.dtype)
+    return torch.matmul(p, v).reshape(B, H * hd)
+
+
+def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+    """A chunk of T prompt tokens at positions start.. of one sequence. q (T, H, hd) -> (T, H*hd)."""
+    T, H, hd = q.shape
+    end = start + T
+    k, v = kc[slot, :, :end][None], vc[slot, :, :end][None]  # (1, KV, end, hd): views
+    qh = q.transpose(0, 1)[None]  # (1, H, T, hd)
+    gqa = k.shape[1] != H
+    if start == 0:
+        y = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y[0].transpose(0, 1).reshape(T, H * hd)
+
+
+def window_for(positions: list[int], bucket: int, max_len: int) -> int:
+    """Keys a decode step attends over: the longest row's context, rounded up to ``bucket`` when rows share
+    the step (one row: exact)."""
+    need = max(positions) + 1
+    if len(positions) == 1 and bucket <= 1:
+        return need
+    return min(-(-need // bucket) * bucket, max_len)
+
+
+class StageWorker:
+    """Runs one stage's layers for a step; the last stage also returns the logits of the rows that sample."""
+
+    def __init__(self, weights: StageWeights, cache: KVCache, device: torch.device, dtype: torch.dtype,
+                 compile_decode: bool = False):
+        self.w, self.cache, self.device, self.dtype = weights, cache, device, dtype
+        self.first, self.last = weights.first, weights.last
+        self.busy_s = 0.0
+        self.cuda = device.type == "cuda"
+        # CUDA graphs want few distinct shapes: rows and window padded to buckets. Eager CPU pads nothing.
+        self.row_bucket = 8 if (compile_decode and self.cuda) else 1
+        self.window_bucket = 256 if compile_decode else (1 if not self.cuda else 64)
+        self._decode = self._decode_step
+        if compile_decode:
+            mode = "reduce-overhead" if self.cuda else None
+            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False if self.cuda else None)
+
+    # -- the layers -------------------------------------------------------------------------------------
+    def _layers(self, x, positions, tok_slots, dec, segs):
+        """x (N, D) for N tokens at ``positions`` (N,) written to slots ``tok_slots`` (N,). dec: (slots,
+        positions, window) of the first n decode rows or None; segs: (slot, start, length) of prompt chunks."""
+        w, cache = self.w, self.cache
+        cos, sin = rope(w.inv_freq, positions, x.dtype)
+        n_dec = 0 if dec is None else dec[0].shape[0]
+        for i, layer in enumerate(w.layers):
+            kc, vc = cache.k[i], cache.v[i]
+            h = layer.input_norm(x)
+            q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
+            q = apply_rope(q.view(q.shape[0], -1, w.head_dim), cos, sin)  # (N, H, hd)
+            k = apply_rope(k.view(k.shape[0], -1, w.head_dim), cos, sin)  # (N, KV, hd)
+            kc[tok_slots, :, positions] = k  # each token's keys and values at its slot and position
+            vc[tok_slots, :, positions] = v.view(k.shape)
+            parts = []
+            if n_dec:
+                parts.append(decode_attention(q[:n_dec], kc, vc, dec[0], dec[1], dec[2]))
+            off = n_dec
+            for slot, start, length in segs:
+                parts.append(prefill_attention(q[off: off + length], kc, vc, slot, start))
+                off += length
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + layer.o(a)
+            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return x
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.lm_head(self.w.norm(x))
+
+    def _decode_step(self, x, slots, positions, window: int):
+        """Decode-only step (the compiled one): one token per row."""
+        if self.first:
+            x = self.w.embed(x)
+        x = self._layers(x, positions, slots, (slots, positions, window), [])
+        return self._head(x) if self.last else x
+
+    # -- a step -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, plan, x: torch.Tensor) -> torch.Tensor:
+        """Run the step described by ``plan`` (a scheduler.StepPlan) on x: token ids (N,) on the first stage,
+        hidden states (N, D) on the others. Returns hidden states (N, D), or on the last stage the logits
+        (n_sample, V) of the rows that sample, in plan order."""
+        t0 = time.perf_counter()
+        dev = self.device
+        n_dec = len(plan.dec_slots)
+        if not plan.segs:
+            out = self._decode_only(plan, x)
+        else:
+            positions = torch.tensor(plan.token_positions(), device=dev)
+            tok_slots = torch.tensor(plan.token_slots(), device=dev)
+            dec = None
+            if n_dec:
+                win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
+                dec = (tok_slots[:n_dec], positions[:n_dec], win)
+            h = self.w.embed(x) if self.first else x
+            h = self._layers(h, positions, tok_slots, dec, plan.segs)
+            if self.last:
+                h = self._head(h.index_select(0, torch.tensor(plan.sample_rows(), device=dev)))
+            out = h
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def _decode_only(self, plan, x: torch.Tensor) -> torch.Tensor:
+        n = len(plan.dec_slots)
+        slots, pos = list(plan.dec_slots), list(plan.dec_pos)
+        padded = -(-n // self.row_bucket) * self.row_bucket
+        if padded > n:  # padding rows write to the scratch slot at position 0
+            slots += [self.cache.scratch] * (padded - n)
+            pos += [0] * (padded - n)
+            pad_shape = (padded - n,) if self.first else (padded - n, x.shape[-1])
+            x = torch.cat([x, torch.zeros(pad_shape, dtype=x.dtype, device=x.device)])
+        win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
+        t_slots = torch.tensor(slots, device=self.device)
+        t_pos = torch.tensor(pos, device=self.device)
+        out = self._decode(x, t_slots, t_pos, win)
+        return out[:n] if padded > n else out
+
+
+@torch.inference_mode()
+def forward_logits(weights: StageWeights, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of a whole model (one stage holding everything) over token ids (B, T): causal, no
+    cache. What ``framework.eval`` scores with, through the same loaded weights as generation."""
+    w = weights
+    B, T = tokens.shape
+    x = w.embed(tokens)  # (B, T, D)
+    positions = torch.arange(T, device=tokens.device)
+    cos, sin = rope(w.inv_freq, positions, x.dtype)  # (T, 1, hd)
+    cos, sin = cos.transpose(0, 1)[None], sin.transpose(0, 1)[None]  # (1, 1, T, hd)
+    hd = w.head_dim
+    for layer in w.layers:
+        h = layer.input_norm(x)
+        q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)
+        q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        x = x + layer.o(y.transpose(1, 2).reshape(B, T, -1))
+        gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
+        x = x + layer.down(F.silu(gate) * up)
+    return w.lm_head(w.norm(x))
