@@ -260,6 +260,9 @@ class QuantConfig:
     """int4: input features sharing a scale and a zero point (32, 64, 128 or 256; must divide every layer's)."""
     head: bool = False
     """Also quantize the LM head (never a head tied to the embedding); the embedding always stays as it is."""
+    symmetric: bool = False
+    """int4: zero point fixed at 0 (scale = max|w| / 7.5) instead of min/max with an integer zero point per group;
+    less accurate, but what transformers + compressed-tensors 0.20 can load (it cannot size packed zero points)."""
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""The compressed export: Hugging Face safetensors in the compressed-tensors "pack-quantized" layout.
+
+A quantized linear ``<m>`` is stored as (compressed-tensors' names, so that ``transformers`` with the
+``compressed-tensors`` package, and vLLM, load the directory as it is):
+
+- ``<m>.weight_packed`` int32 (out, in * bits / 32): the integers offset to unsigned (``q + 2**(bits-1)``),
+  ``32 / bits`` consecutive input features a word, the first in the lowest bits;
+- ``<m>.weight_scale`` (out, 1) for int8 (per channel), (out, in / group) for int4, in the model's dtype;
+- ``<m>.weight_zero_point`` int32 (out / 8, in / group), int4 only (asymmetric): the signed zero points packed
+  the same way along the output dimension;
+- ``<m>.weight_shape`` int64 [out, in].
+
+config.json carries ``quantization_config`` (``quant_method: compressed-tensors``: bits, strategy, group size,
+symmetric or not, and ``ignore``: the linear layers left in full precision) and ``compression_config``, our
+own short summary (method, bits, group size, zero-point scheme, what stayed unquantized, the source). Pruned
+exports are plain dense safetensors with zeros and only ``compression_config`` (method, sparsity, pattern), so
+they load anywhere. Either key marks a directory as already compressed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from framework.cli import UserError
+
+PACK_FORMAT = "pack-quantized"
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+
+
+# -- bit packing (compressed-tensors' layout) -----------------------------------------------------------------
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed ``bits``-bit integers (any int dtype) -> int32 words along ``dim`` (0 or 1), zero-padded."""
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    per = 32 // bits
+    u = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)  # (rows, cols) unsigned
+    rows, cols = u.shape
+    pad = (-cols) % per
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.view(rows, -1, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (u << shifts).sum(dim=-1)  # (rows, cols / per) in [0, 2**32)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_int32(words: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
+    """The inverse of ``pack_int32``: int8 signed values, ``n`` of them along ``dim``."""
+    if dim == 0:
+        return unpack_int32(words.t(), bits, n, 1).t().contiguous()
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    u = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, words, per)
+    u = u.reshape(words.shape[0], -1)[:, :n]
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+# -- configs ---------------------------------------------------------------------------------------------------
+def quantization_config(bits: int, group_size: int | None, ignore: list[str], symmetric: bool = False) -> dict:
+    """config.json's ``quantization_config`` for compressed-tensors (transformers' and vLLM's reader)."""
+    weights = {
+        "num_bits": bits, "type": "int", "symmetric": bits == 8 or symmetric, "group_size": group_size if bits == 4 else None,
+        "strategy": "group" if bits == 4 else "channel", "dynamic": False, "actorder": None, "observer": "minmax",
+        "block_structure": None, "observer_kwargs": {},
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": PACK_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": PACK_FORMAT}},
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+def weight_args(qconfig: dict) -> dict:
+    """The weights entry of a compressed-tensors config we can run; UserError for anything else."""
+    if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != PACK_FORMAT:
+        raise UserError(f"quantization_config {qconfig.get('quant_method')}/{qconfig.get('format')} is not supported: "
+                        f"this engine reads compressed-tensors {PACK_FORMAT} (python -m framework.compress)")
+    groups = list(qconfig.get("config_groups", {}).values())
+    if len(groups) != 1:
+        raise UserError("quantization_config: exactly one config group (one scheme for all linear layers) is supported")
+    w = groups[0]["weights"]
+    ok = (w.get("type") == "int" and (w["num_bits"], w.get("strategy"), bool(w.get("symmetric"))) in
+          {(8, "channel", True), (4, "group", False), (4, "group", True)})
+    if not ok:
+        raise UserError(f"quantization_config weights {w.get('num_bits')}-bit {w.get('strategy')} "
+                        f"symmetric={w.get('symmetric')} is not supported: int8 per channel or int4 per group")
+    return w
+
+
+def is_compressed(hf_config: dict) -> str | None:
+    """How a directory was compressed, or None for a plain model."""
+    if "compression_config" in hf_config:
+        return str(hf_config["compression_config"].get("method", "compressed"))
+    if "quantization_config" in hf_config:
+        return str(hf_config["quantization_config"].get("quant_method", "quantized"))
+    return None
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor], hf_config: dict,
+                     max_shard_mb: int = 2000) -> None:
+    """Write ``tensors`` as sharded safetensors plus the index, ``hf_config`` as config.json, and copy the source's
+    tokenizer files and generation_config.json; the directory appears whole (written beside, then renamed)."""
+    from framework.checkpoint.manifest import write_manifest
+
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_mb * 2**20:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    wmap = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+        wmap.update({k: fname for k in names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+    for name in COPIED_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
+    write_manifest(tmp, {"compression_config": hf_config.get("compression_config")})
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def dir_size_bytes(path: str) -> int:
+    """Bytes of the weight files of a model directory."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str], qconfig: dict,
+                       device: torch.device) -> int:
+    """See ``framework.compress.quantize.load_quantized``."""
+    from safetensors import safe_open
+
+    from framework.compress.quantize import Int4Linear, Int8Linear, set_submodule
+    from framework.models.hf import load_hf_weights, weight_map
+
+    w = weight_args(qconfig)
+    bits, group = int(w["num_bits"]), w.get("group_size")
+    wmap = weight_map(model_dir)
+    quantized = [n[: -len(".weight")] for n in names
+                 if n.endswith(".weight") and n[: -len(".weight")] + ".weight_packed" in wmap]
+    handles: dict[str, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        fname = wmap[name]
+        if fname not in handles:
+            handles[fname] = safe_open(os.path.join(model_dir, fname), "pt", device="cpu")
+        return handles[fname].get_tensor(name)
+
+    for prefix in quantized:
+        old = model.get_submodule(prefix)
+        dtype = old.weight.dtype
+        out_f, in_f = (int(x) for x in read(prefix + ".weight_shape").tolist())
+        if (out_f, in_f) != (old.out_features, old.in_features):
+            raise UserError(f"shape mismatch for {prefix}: checkpoint {(out_f, in_f)} vs model "
+                            f"{(old.out_features, old.in_features)}")
+        q = unpack_int32(read(prefix + ".weight_packed"), bits, in_f)
+        scale = read(prefix + ".weight_scale").float()
+        if bits == 8:
+            new = Int8Linear(q.to(device), scale.reshape(-1).to(device), None, dtype)
+        else:
+            if w.get("symmetric"):
+                zp = torch.zeros(scale.shape, dtype=torch.int8)
+            else:
+                zp = unpack_int32(read(prefix + ".weight_zero_point"), bits, out_f, dim=0)
+            new = Int4Linear(q.to(device), scale.to(device), zp.to(device), int(group), None, dtype)
+        if getattr(old, "bias", None) is not None:
+            new.bias = torch.empty(out_f, dtype=dtype, device=device)  # filled with the plain tensors below
+        set_submodule(model, prefix, new)
+    handles.clear()
+    done = {p + ".weight" for p in quantized}
+    rest = [n for n in names if n not in done]
+    load_hf_weights(model, model_dir, names=rest)
+    return len(quantized)

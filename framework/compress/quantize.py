@@ -1,0 +1,281 @@
+"""Weight-only quantization: int8 per output channel (symmetric) and int4 in groups (asymmetric), with
+PyTorch's own mixed-precision kernels.
+
+- **int8**: ``w = q * scale``, one fp scale per output row, ``q`` in [-127, 127]. Kernel:
+  ``aten._weight_int8pack_mm(x, q, scale)`` (CPU and CUDA).
+- **int4**: groups of ``group_size`` consecutive input features of a row share a scale and an integer zero
+  point: ``w = (q - zp) * scale`` with ``q, zp`` in [-8, 7] (min/max of the group, 0 kept representable; the
+  compressed-tensors convention). PyTorch's int4 kernels ("tinygemm") dequantize ``(u - 8) * s + z`` with
+  ``u = q + 8`` unsigned and a float zero ``z``, so ``z = -zp * s`` maps the integer zero point exactly.
+  Kernels: ``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` on CUDA, each fed by
+  its own ``_convert_weight_to_int4pack*`` layout.
+
+Both kernels are fast only with bf16 (or fp16) activations: with fp32 ones, PyTorch's CPU int8/int4 kernels
+take a reference path 15-40x slower than the bf16 one (2304x768, one row, 1 thread: int8 1136 us fp32 vs 43 us
+bf16; the fp32 re-laid weight takes 75 us). So an fp32 model's activations are rounded to bf16 for the product
+and the result is returned in fp32; bf16/fp16 models run in their own dtype. The kernels were measured against
+torchao 0.18 (its int8 weight-only tensor: 304 us on the same shape, it dequantizes; its C++ extensions do not
+load with our torch) and against the fp32 CPU path of ``framework/infer/cpu_linear.py``; see the README.
+
+Why weight-only: decoding at small batches reads every weight once per step, so its time is the bytes of the
+weights; int8 reads a quarter of fp32, int4 an eighth (plus scales). Activations stay in floating point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from framework.cli import UserError
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+METHODS = ("int8", "int4")
+
+
+# -- quantizers (pure functions) -----------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q (out, in) int8 in [-127, 127], scale (out,) fp32: ``w ~ q * scale[:, None]``."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "") -> None:
+    where = f" ({name})" if name else ""
+    if group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"quant.group_size={group_size}: the int4 kernels take one of {list(INT4_GROUP_SIZES)}")
+    if in_features % group_size:
+        raise UserError(f"quant.group_size={group_size} does not divide the {in_features} input features{where}: "
+                        f"pick a group size that divides it")
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q (out, in) int8 in [-8, 7], scale (out, in/g) fp32, zero_point (out, in/g) int8
+    in [-8, 7]: ``w ~ (q - zp) * scale`` per group of ``group_size`` input features. ``symmetric``: zp = 0 and
+    scale = max|w| / 7.5 (compressed-tensors' symmetric int4), else min/max asymmetric."""
+    out_f, in_f = w.shape
+    check_group_size(in_f, group_size)
+    wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
+    if symmetric:
+        scale = (wg.abs().amax(dim=-1) / 7.5).clamp(min=1e-12)
+        q = torch.round(wg / scale[..., None]).clamp(-8, 7)
+        return q.reshape(out_f, in_f).to(torch.int8), scale, torch.zeros(scale.shape, dtype=torch.int8)
+    lo = wg.amin(dim=-1).clamp(max=0.0)
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    zp = torch.round(-8.0 - lo / scale).clamp(-8, 7)
+    q = torch.round(wg / scale[..., None] + zp[..., None]).clamp(-8, 7)
+    return q.reshape(out_f, in_f).to(torch.int8), scale, zp.to(torch.int8)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = q.shape
+    g = in_f // scale.shape[1]
+    wg = (q.float().reshape(out_f, -1, g) - zp.float()[..., None]) * scale.float()[..., None]
+    return wg.reshape(out_f, in_f)
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Activations' dtype inside the integer kernels: bf16 for fp32 models (the fast path), else their own."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+# -- modules ---------------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear, per-output-channel symmetric scales. ``forward``: (..., in) -> (..., out) in
+    the input's dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())  # (out, in)
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())  # (out,)
+        # fp32 models: the kernel runs with unit scales and the fp32 scale is applied to its output (a bf16 scale
+        # would add a per-row error as large as int8's own); other dtypes pass their scale to the kernel.
+        kdt = kernel_dtype(dtype)
+        kscale = torch.ones_like(self.scale) if dtype == torch.float32 else self.scale
+        self.register_buffer("kernel_scale", kscale.to(kdt), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_int8(linear.weight)
+        return cls(q, scale, linear.bias, linear.weight.dtype)
+
+    @classmethod
+    def cat(cls, mods: list[Int8Linear]) -> Int8Linear:
+        """One module whose output is the concatenation of ``mods``' outputs (exact: scales are per row)."""
+        bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+        return cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]), bias, mods[0].dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.kernel_scale.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scale)  # (N, out)
+        y = y.float() * self.scale if self.dtype == torch.float32 else y.to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear, groups of ``group_size`` input features with a scale and an integer zero point.
+
+    It holds the weights in a plain layout (``qweight`` (out, in/2) uint8, two unsigned nibbles a byte, low
+    nibble first) until its first ``forward`` or ``pack()``, which converts them to the kernel's tiled layout
+    and drops the plain copy: the tiled layout does not concatenate row-wise, so ``cat`` (the loader's q|k|v
+    fusion) works on plain modules."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.dtype = dtype
+        u = (q.to(torch.int16) + 8).to(torch.uint8)  # (out, in) in [0, 15]
+        self.register_buffer("qweight", (u[:, ::2] | (u[:, 1::2] << 4)).contiguous())  # (out, in/2)
+        self.register_buffer("scale", scale.float().contiguous())  # (out, G)
+        self.register_buffer("zero_point", zp.to(torch.int8).contiguous())  # (out, G)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.packed: torch.Tensor | None = None
+        self.scales_and_zeros: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4Linear:
+        q, scale, zp = quantize_int4(linear.weight, group_size, symmetric)
+        return cls(q, scale, zp, group_size, linear.bias, linear.weight.dtype)
+
+    @classmethod
+    def cat(cls, mods: list[Int4Linear]) -> Int4Linear:
+        """One module whose output is the concatenation of ``mods``' outputs (exact: groups lie inside rows)."""
+        if any(m.qweight is None for m in mods):
+            raise RuntimeError("Int4Linear.cat needs modules not yet packed for the kernel")
+        bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+        q = torch.cat([m.int_weight() for m in mods])
+        return cls(q, torch.cat([m.scale for m in mods]), torch.cat([m.zero_point for m in mods]),
+                   mods[0].group_size, bias, mods[0].dtype)
+
+    def int_weight(self) -> torch.Tensor:
+        """(out, in) int8 in [-8, 7] from the plain layout."""
+        u = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.out_features, self.in_features)
+        return u.to(torch.int8) - 8
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4(self.int_weight(), self.scale, self.zero_point)
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Convert to the kernel layout of this device (once; the plain copy is dropped)."""
+        if self.packed is not None:
+            return
+        kdt = torch.bfloat16  # the int4 kernels' activation dtype on CPU and CUDA
+        s = self.scale
+        z = -self.zero_point.float() * s
+        self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(kdt).contiguous()  # (G, out, 2)
+        if self.qweight.device.type == "cuda":
+            # CUDA: the kernel's tiled layout is made from (out, in/2) uint8 with the even feature in the high nibble.
+            u = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+            hi_lo = ((u[:, ::2] << 4) | u[:, 1::2]).contiguous()
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # in % (16 * tiles) == 0
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(hi_lo, tiles)
+        else:
+            u = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1)
+        self.qweight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.pack()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        if x2.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+                f"group_size={self.group_size}")
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+def check_int4_shape(out_features: int, in_features: int, group_size: int, name: str = "") -> None:
+    check_group_size(in_features, group_size, name)
+    if out_features % 16:
+        raise UserError(f"{name or 'a linear layer'} has {out_features} output features: the int4 kernels need a "
+                        f"multiple of 16 (keep it in full precision or use method=int8)")
+
+
+def quantize_linear(linear: nn.Linear, method: str, group_size: int = 128) -> nn.Module:
+    if method == "int8":
+        return Int8Linear.from_linear(linear)
+    if method == "int4":
+        return Int4Linear.from_linear(linear, group_size)
+    raise UserError(f"quantization method '{method}': use one of {', '.join(METHODS)}")
+
+
+def shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (a tied head and embedding)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return {k for k, c in counts.items() if c > 1}
+
+
+def quantizable_linears(model: nn.Module, head: bool = False) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every plain ``nn.Linear`` to quantize: all but the LM head (unless
+    ``head``) and those whose weight is shared (a tied head)."""
+    shared = shared_weights(model)
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or id(mod.weight) in shared:
+            continue
+        if name.split(".")[-1] == "lm_head" and not head:
+            continue
+        out.append((name, mod))
+    return out
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, method: str, group_size: int = 128, head: bool = False) -> int:
+    """Replace the plain ``nn.Linear`` modules under ``model`` by quantized ones, in place (the LM head only
+    when ``head``; tied weights never); returns how many. Refuses, before changing anything, a shape the
+    kernels cannot take."""
+    if method not in METHODS:
+        raise UserError(f"quantization method '{method}': use one of {', '.join(METHODS)}")
+    targets = quantizable_linears(model, head)
+    if method == "int4":
+        for name, mod in targets:
+            check_int4_shape(mod.out_features, mod.in_features, group_size, name)
+    for name, mod in targets:
+        new = quantize_linear(mod, method, group_size)
+        if isinstance(new, Int4Linear):
+            new.pack()
+        set_submodule(model, name, new)
+    return len(targets)
+
+
+# -- loading a compressed export -------------------------------------------------------------------------------
+def load_quantized(model: nn.Module, model_dir: str, names: list[str], qconfig: dict, device) -> int:
+    """Load every tensor in ``names`` (a stage's checkpoint names) from a compressed export into ``model``: the
+    linear layers the export stores quantized become Int8Linear / Int4Linear, the rest are copied into the
+    model's parameters. Reads only these tensors, memory-mapped. Returns the number of quantized modules."""
+    from framework.compress.format import load_stage_tensors
+
+    return load_stage_tensors(model, model_dir, names, qconfig, torch.device(device))

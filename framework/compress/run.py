@@ -1,0 +1,170 @@
+"""``python -m framework.compress``: a model directory in, a compressed export out.
+
+Every check (method, sparsity, group size against every layer, calibration source, an already compressed
+input) runs on the config and the model's shape before any weight is read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from framework.cli import UserError
+from framework.compress import format as fmt
+from framework.compress.prune import METHODS as PRUNE_METHODS
+from framework.compress.prune import Sparsity, check_n_m, parse_sparsity, prunable_linears
+from framework.compress.quantize import METHODS as QUANT_METHODS
+from framework.compress.quantize import check_int4_shape, quantizable_linears, quantize_int4, quantize_int8
+from framework.config import CompressConfig
+from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config, weight_map
+from framework.models.llama import Llama, ModelArgs
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dir(model_dir: str | None) -> str:
+    from framework.infer.loader import resolve_model_dir
+
+    path, checkpoint = resolve_model_dir(model_dir)
+    if checkpoint is not None:
+        raise UserError(f"{model_dir} has a checkpoint but no export: run `python -m framework.export "
+                        f"checkpoint={checkpoint}` first")
+    return path
+
+
+def source_dtype(hf: dict) -> torch.dtype:
+    return TORCH_DTYPES.get(str(hf.get("torch_dtype", hf.get("dtype", "float32"))), torch.float32)
+
+
+def meta_model(args: ModelArgs) -> Llama:
+    with torch.device("meta"):
+        return Llama(args)
+
+
+def validate(cfg: CompressConfig) -> tuple[str, dict, ModelArgs, Sparsity | None]:
+    """(source dir, its config.json, its shape, the sparsity) or UserError naming the fix."""
+    methods = QUANT_METHODS + PRUNE_METHODS
+    if cfg.method not in methods:
+        raise UserError(f"method={cfg.method}: use one of {', '.join(methods)}")
+    src = source_dir(cfg.model_dir)
+    hf = read_hf_config(src)
+    done = fmt.is_compressed(hf)
+    if done:
+        raise UserError(f"{src} is already compressed ({done}): compress the original model instead")
+    args = from_hf_config(hf, name=os.path.basename(os.path.abspath(src)))
+    weight_map(src)
+    out = cfg.out or src.rstrip("/") + f"-{cfg.method}"
+    if os.path.abspath(out) == os.path.abspath(src):
+        raise UserError(f"out={out} is the model directory itself: write the compressed model elsewhere")
+    model = meta_model(args)
+    sparsity = None
+    if cfg.method in QUANT_METHODS:
+        if cfg.sparsity is not None:
+            raise UserError(f"sparsity={cfg.sparsity} applies to method=magnitude or wanda, not {cfg.method}")
+        if cfg.method == "int4":
+            for name, lin in quantizable_linears(model, cfg.quant.head):
+                check_int4_shape(lin.out_features, lin.in_features, cfg.quant.group_size, name)
+    else:
+        if cfg.sparsity is None:
+            raise UserError(f"method={cfg.method} needs sparsity=: a ratio such as 0.5 or a pattern such as 2:4")
+        sparsity = parse_sparsity(cfg.sparsity)
+        check_n_m(model, sparsity)
+        if cfg.method == "wanda":
+            from framework.compress.calibrate import calib_data_config
+
+            if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+                raise UserError(f"{src} has no tokenizer.json: Wanda tokenizes its calibration text with the model's")
+            calib_data_config(cfg.calib, src)
+    return src, hf, args, sparsity
+
+
+def load_plain(src: str, args: ModelArgs) -> Llama:
+    """The whole model in fp32 with its separate projections (the export's names)."""
+    model = meta_model(args).to_empty(device="cpu").float()
+    model.tie_weights()
+    load_hf_weights(model, src)
+    from framework.models.llama import rope_inv_freq
+
+    model.inv_freq = rope_inv_freq(args)
+    return model.eval()
+
+
+def export_names(model: Llama, args: ModelArgs) -> list[str]:
+    names = list(model.state_dict().keys())
+    return [n for n in names if not (args.tie_embeddings and n == "lm_head.weight")]
+
+
+@torch.no_grad()
+def quantized_tensors(model: Llama, args: ModelArgs, method: str, group_size: int, head: bool,
+                      dtype: torch.dtype, symmetric: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The export's tensors with the quantized linears in compressed-tensors' pack-quantized layout, and the
+    names of the linear layers left in full precision."""
+    targets = dict(quantizable_linears(model, head))
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name in export_names(model, args):
+        prefix = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and prefix in targets:
+            w = state[name]
+            if method == "int8":
+                q, scale = quantize_int8(w)
+                out[prefix + ".weight_packed"] = fmt.pack_int32(q, 8)
+                out[prefix + ".weight_scale"] = scale[:, None].to(dtype)
+            else:
+                q, scale, zp = quantize_int4(w, group_size, symmetric)
+                out[prefix + ".weight_packed"] = fmt.pack_int32(q, 4)
+                out[prefix + ".weight_scale"] = scale.to(dtype)
+                if not symmetric:
+                    out[prefix + ".weight_zero_point"] = fmt.pack_int32(zp, 4, dim=0)
+            out[prefix + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+        else:
+            out[name] = state[name].to(dtype)
+    return out, sorted(set(all_linears) - set(targets))
+
+
+def compress(cfg: CompressConfig) -> str:
+    """Compress ``cfg.model_dir`` into ``cfg.out``; returns the output directory."""
+    t0 = time.perf_counter()
+    src, hf, args, sparsity = validate(cfg)
+    out = cfg.out or src.rstrip("/") + f"-{cfg.method}"
+    dtype = source_dtype(hf)
+    model = load_plain(src, args)
+    new_hf = dict(hf)
+    summary: dict = {"method": cfg.method, "source": os.path.abspath(src)}
+    if cfg.method in QUANT_METHODS:
+        bits = 8 if cfg.method == "int8" else 4
+        group = cfg.quant.group_size if bits == 4 else None
+        symmetric = bits == 4 and cfg.quant.symmetric
+        tensors, ignored = quantized_tensors(model, args, cfg.method, cfg.quant.group_size, cfg.quant.head, dtype,
+                                             symmetric)
+        new_hf["quantization_config"] = fmt.quantization_config(bits, group, ignored, symmetric)
+        summary.update(bits=bits, group_size=group,
+                       scheme="symmetric per output channel, w = q * scale" if bits == 8 else
+                       "symmetric per group, w = q * scale" if symmetric else
+                       "asymmetric per group, integer zero point: w = (q - zp) * scale",
+                       unquantized=["model.embed_tokens", "norms"] + ignored)
+    else:
+        from framework.compress.prune import magnitude_prune, measured_sparsity
+
+        if cfg.method == "magnitude":
+            magnitude_prune(model, sparsity)
+        else:
+            from framework.compress.calibrate import calibration_blocks, wanda_prune_model
+
+            blocks = calibration_blocks(cfg.calib, src)
+            summary["calibration"] = {"data": cfg.calib.data, **wanda_prune_model(model, blocks, sparsity)}
+        state = model.state_dict()
+        tensors = {n: state[n].to(dtype) for n in export_names(model, args)}
+        summary.update(sparsity=str(sparsity), pattern=f"{sparsity.n_m[0]}:{sparsity.n_m[1]}" if sparsity.n_m else
+                       "unstructured", scope="per output row" if cfg.method == "wanda" or sparsity.n_m else "per layer",
+                       pruned=sorted({n.split(".")[-1] for n, _ in prunable_linears(model)}),
+                       measured_sparsity=round(measured_sparsity(model), 4))
+    new_hf["compression_config"] = summary
+    fmt.write_compressed(src, out, tensors, new_hf, cfg.max_shard_size_mb)
+    before, after = fmt.dir_size_bytes(src), fmt.dir_size_bytes(out)
+    print(f"compressed {src} -> {out} ({cfg.method}): {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
