@@ -32,10 +32,12 @@ class Engine:
         s = self.sampler
         s.admit(plan.new_slots, plan.new_params)
         if s.seen is not None:
-            s.observe(torch.tensor(plan.token_slots(), device=self.device),
-                      torch.tensor(plan.tokens, device=self.device))
+            s.observe(self._long(plan.token_slots()), self._long(plan.tokens))
         slots, pos = plan.sample_slots_positions()
-        return s(logits, torch.tensor(slots, device=self.device), torch.tensor(pos, device=self.device))
+        return s(logits, self._long(slots), self._long(pos))
+
+    def _long(self, xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=self.device)
 
     def run(self, more=None) -> None:
         """Serve until the scheduler has no work (and ``more()``, when given, brings none)."""
@@ -53,7 +55,7 @@ class Engine:
             lane = sched.next_lane() if sched.has_work() else None
             if lane is not None:
                 plan = sched.schedule(lane)
-                out = self.worker.step(plan, torch.tensor(plan.tokens, device=self.device))
+                out = self.worker.step(plan, self._long(plan.tokens))
                 self.steps += 1
                 if self.pp == 1:
                     sched.complete(plan, self._sample(plan, out).tolist())

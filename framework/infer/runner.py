@@ -150,6 +150,13 @@ def generate(cfg) -> dict:
     inf = cfg.infer
     if inf.tp != 1:
         raise UserError(f"infer.tp={inf.tp}: tensor-parallel inference is not available yet; use infer.tp=1")
+    max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
+    if max_batch < 1:
+        raise UserError(f"infer.max_batch={max_batch}: at least one running sequence is needed (e.g. 256)")
+    if inf.scheduler not in ("continuous", "static"):
+        raise UserError(f"infer.scheduler={inf.scheduler}: use continuous or static")
+    if inf.prefill_chunk < 1:
+        raise UserError(f"infer.prefill_chunk={inf.prefill_chunk}: prefill at least 1 prompt token a step (e.g. 512)")
     model_dir, export_from = resolve_model_dir(cfg.model_dir)
     if export_from is None:
         args = read_model_args(model_dir)

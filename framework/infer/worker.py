@@ -101,10 +101,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, window: int) -> torch.Tensor:
-    """One new query a row against its cached keys 0..position. q (B, H, hd) -> (B, H*hd)."""
+                     positions: torch.Tensor, window: int, masked: bool) -> torch.Tensor:
+    """One new query a row against its cached keys 0..position, within the first ``window`` positions of the
+    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask."""
     B, H, hd = q.shape
-    if B == 1:  # one row: a view of its slot, exactly as long as its context, no mask
+    if B == 1:  # one row: a view of its slot
         k, v = kc[slots[0], :, :window][None], vc[slots[0], :, :window][None]
     else:
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
@@ -112,7 +113,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
     kv = k.shape[1]
     qg = q.view(B, kv, H // kv, hd)  # grouped-query heads share their K/V head: a reshape, no copy
     scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, W)
-    if B > 1:
+    if masked:
         hidden = torch.arange(window, device=q.device)[None, :] > positions[:, None]  # (B, W)
         scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
     p = scores.float().softmax(-1).to(q.dtype)
@@ -177,7 +178,7 @@ class StageWorker:
             vc[tok_slots, :, positions] = v.view(k.shape)
             parts = []
             if n_dec:
-                parts.append(decode_attention(q[:n_dec], kc, vc, dec[0], dec[1], dec[2]))
+                parts.append(decode_attention(q[:n_dec], kc, vc, *dec))
             off = n_dec
             for slot, start, length in segs:
                 parts.append(prefill_attention(q[off: off + length], kc, vc, slot, start))
@@ -191,11 +192,11 @@ class StageWorker:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.w.lm_head(self.w.norm(x))
 
-    def _decode_step(self, x, slots, positions, window: int):
+    def _decode_step(self, x, slots, positions, window: int, masked: bool):
         """Decode-only step (the compiled one): one token per row."""
         if self.first:
             x = self.w.embed(x)
-        x = self._layers(x, positions, slots, (slots, positions, window), [])
+        x = self._layers(x, positions, slots, (slots, positions, window, masked), [])
         return self._head(x) if self.last else x
 
     # -- a step -------------------------------------------------------------------------------------------
@@ -210,16 +211,16 @@ class StageWorker:
         if not plan.segs:
             out = self._decode_only(plan, x)
         else:
-            positions = torch.tensor(plan.token_positions(), device=dev)
-            tok_slots = torch.tensor(plan.token_slots(), device=dev)
+            positions = torch.tensor(plan.token_positions(), dtype=torch.long, device=dev)
+            tok_slots = torch.tensor(plan.token_slots(), dtype=torch.long, device=dev)
             dec = None
             if n_dec:
                 win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
-                dec = (tok_slots[:n_dec], positions[:n_dec], win)
+                dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1)
             h = self.w.embed(x) if self.first else x
             h = self._layers(h, positions, tok_slots, dec, plan.segs)
             if self.last:
-                h = self._head(h.index_select(0, torch.tensor(plan.sample_rows(), device=dev)))
+                h = self._head(h.index_select(0, torch.tensor(plan.sample_rows(), dtype=torch.long, device=dev)))
             out = h
         self.busy_s += time.perf_counter() - t0
         return out
@@ -236,7 +237,7 @@ class StageWorker:
         win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
         t_slots = torch.tensor(slots, device=self.device)
         t_pos = torch.tensor(pos, device=self.device)
-        out = self._decode(x, t_slots, t_pos, win)
+        out = self._decode(x, t_slots, t_pos, win, padded > 1 or win != pos[0] + 1)
         return out[:n] if padded > n else out
 
 

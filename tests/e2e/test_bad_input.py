@@ -71,3 +71,29 @@ def test_generate_malformed_jsonl_line_others_answered(hf_dir, tmp_path):
     assert "malformed JSONL line 2" in rows[1]["error"] and "line 3" in rows[2]["error"]
     assert rows[0]["token_ids"] and rows[3]["token_ids"]
     assert "line 2" in proc.stderr
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["infer.max_batch=0"], ["infer.max_batch=0", "at least one"]),
+    (["infer.kv_cache_gb=0.000001"], ["KV cache budget", "raise infer.kv_cache_gb"]),
+    (["infer.tp=2"], ["infer.tp=2"]),
+])
+def test_generate_engine_bad_input(hf_dir, args, needles):
+    proc = run_module("framework.generate", [f"model_dir={hf_dir}", "prompt=hi", *args])
+    check_one_line(proc, *needles)
+    assert "[miaotui] loaded" not in proc.stderr  # refused before any weight was read
+
+
+def test_generate_request_that_can_never_fit_others_answered(hf_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "copy: 1 2 ="}) + "\n" + json.dumps({"prompt": " ".join(["copy: 1 2"] * 20)})
+                   + "\n" + json.dumps({"prompt": "copy: 3 =", "max_new_tokens": 0}) + "\n"
+                   + json.dumps({"prompt": "copy: 3 ="}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_module("framework.generate", [f"model_dir={hf_dir}", f"prompts={src}", f"output={out}",
+                                             "infer.max_new_tokens=8", "infer.max_seq_len=32"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "exceeds infer.max_seq_len of 32" in rows[1]["error"]
+    assert "max_new_tokens=0" in rows[2]["error"]
+    assert len(rows[0]["token_ids"]) >= 1 and len(rows[3]["token_ids"]) >= 1

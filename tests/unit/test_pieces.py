@@ -7,7 +7,6 @@ from framework.cli import UserError, explain_compose_error, strip_launcher_args
 from framework.data.loader import ShardedLoader
 from framework.data.synthetic import make_examples
 from framework.infer.plan import split_layers
-from framework.infer.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
 from framework.parallel.topology import build_topology
 
 
@@ -52,20 +51,55 @@ def test_split_layers():
         split_layers(5, 2, [2, 2])
 
 
-def test_sampling_filters_match_transformers():
+def test_batched_sampling_filters_match_transformers_row_by_row():
+    """Each row of one batched call, with its own penalty, top-k and top-p, equals transformers' processors."""
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
+    from framework.infer.sampler import apply_repetition_penalty, filter_top_k_top_p
+
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 50, generator=g)
-    ids = torch.tensor([[3, 7, 7, 20]])
-    torch.testing.assert_close(filter_top_k(logits[0], 5), TopKLogitsWarper(5)(ids, logits.clone())[0])
-    torch.testing.assert_close(filter_top_p(logits[0], 0.8), TopPLogitsWarper(0.8)(ids, logits.clone())[0])
-    torch.testing.assert_close(apply_repetition_penalty(logits[0], ids[0], 1.3),
-                               RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())[0])
+    logits = torch.randn(3, 50, generator=g)
+    ids = torch.tensor([[3, 7, 7, 20], [1, 2, 3, 4], [9, 9, 9, 9]])
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, ids, True)
+    pen = torch.tensor([1.3, 1.0, 0.7])
+    got = apply_repetition_penalty(logits, seen, pen)
+    for i in range(3):
+        want = RepetitionPenaltyLogitsProcessor(float(pen[i]))(ids[i: i + 1], logits[i: i + 1].clone())[0]
+        torch.testing.assert_close(got[i], want)
+    top_k, top_p = torch.tensor([5, 0, 50]), torch.tensor([1.0, 0.8, 0.5])
+    got = filter_top_k_top_p(logits, top_k, top_p)
+    for i in range(3):
+        want = logits[i: i + 1].clone()
+        if 0 < top_k[i] < 50:
+            want = TopKLogitsWarper(int(top_k[i]))(ids[i: i + 1], want)
+        if top_p[i] < 1:
+            want = TopPLogitsWarper(float(top_p[i]))(ids[i: i + 1], want)
+        torch.testing.assert_close(got[i], want[0])
+
+
+def test_seeded_draws_follow_the_distribution_and_ignore_the_batch():
+    """The Gumbel-max draw from the hash noise samples softmax(logits / T); a row's draw does not depend on the
+    rows beside it; greedy rows take the argmax."""
+    from framework.infer.sampler import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    n = 20000
+    draws = sample(logits.expand(n, 4), torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n),
+                   torch.arange(n), torch.full((n,), 7))
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    mixed = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.0, 0.0])
+    args = (torch.tensor([0, 5, 0, 0, 0]), torch.tensor([1.0, 1.0, 0.9, 1.0, 1.0]), torch.arange(5), torch.arange(5) + 3)
+    batch = sample(mixed, temp, *args)
+    for i in range(5):
+        alone = sample(mixed[i: i + 1], temp[i: i + 1], *(a[i: i + 1] for a in args))
+        assert alone.item() == batch[i].item()
+    assert batch[0] == mixed[0].argmax() and batch[4] == mixed[4].argmax()
 
 
 def test_launcher_args_and_error_lines():
@@ -82,6 +116,7 @@ def test_launcher_args_and_error_lines():
 
 def test_relaid_linears_match_f_linear_and_leave_tied_weights():
     from framework.infer.cpu_linear import PackedLinear, TransposedLinear, pack_linears, packing_available
+    from framework.infer.worker import StageWeights, forward_logits
     from framework.models.llama import Llama, ModelArgs
 
     if not packing_available(torch.float32, torch.device("cpu")):
@@ -90,21 +125,17 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
     args = ModelArgs(dim=512, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=1536, vocab_size=97, tie_embeddings=True)
     ref = Llama(args).eval()
     tokens = torch.randint(0, 97, (3, 11))
-    positions = torch.arange(11)[None].expand(3, 11)
     with torch.inference_mode():
-        want = ref(tokens=tokens, positions=positions)
+        want = ref(tokens=tokens)
     for rows, kind in ((4, PackedLinear), (1, TransposedLinear)):
-        model = Llama(args).eval()
-        model.load_state_dict(ref.state_dict())
-        model.tie_weights()
-        model.fuse_projections()  # q|k|v and gate|up as one matrix each, as the inference loader does
+        weights = StageWeights(ref).eval()  # q|k|v and gate|up as one matrix each, as the inference loader does
+        torch.testing.assert_close(forward_logits(weights, tokens), want, rtol=1e-5, atol=1e-5)
         # every layer's four matrices take the faster layout; the LM head shares the embedding and stays
-        assert pack_linears(model, rows_hint=rows) == 4 * args.n_layers
-        assert type(model.model.layers["0"].self_attn.qkv_proj) is kind
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-        with torch.inference_mode():
-            got = model(tokens=tokens, positions=positions)
+        assert pack_linears(weights, rows_hint=rows) == 4 * args.n_layers
+        assert type(weights.layers[0].qkv) is kind
+        assert weights.lm_head.weight is weights.embed.weight
+        got = forward_logits(weights, tokens)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-    small = Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval()
+    small = StageWeights(Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval())
     assert pack_linears(small, rows_hint=8) == 0  # the packed kernel's cost a call would outweigh its gain
