@@ -4,13 +4,19 @@
 (b) pp=2 with micro-batches against pp=1 on the same batch (256 requests decoded together), one thread per
     process, and a naive layer split without micro-batches (what ``device_map="auto"`` does: one batch walks
     the stages in turn);
-(c) on a GPU: batch-1 decode tokens/s in bf16 against the memory-bandwidth limit
-    (weight bytes per token over the measured device copy bandwidth).
+(c) defaults: 128 requests x 48 new tokens, pp=2 against pp=1 with no batch knob set;
+(d) continuous batching against static batching (the same max_batch, a group runs until its last row is done):
+    256 requests whose output lengths vary (geometric, mean 48, at most 256), tokens/s and p50/p99 latency,
+    at pp=1 and pp=2;
+(e) close to the limit: batch-1 decode, tokens/s times the bytes a token reads (weights and KV), as a share of
+    the read bandwidth measured in the same run, eager and compiled (CPU: fp32; GPU: the 1B flavor in bf16,
+    beside transformers generate() with a static cache and torch.compile).
 Every case runs --repeats times (3), interleaved with its baseline, so that slow spells of a shared machine fall on
 both; the table gives medians, and the range of the per-round ratios.
 
-    python scripts/bench_infer.py                 # CPU: (a) the CPU default's shape and a 30M Llama; (b) the 30M
-    python scripts/bench_infer.py --flavor 1b     # GPU: the 1B flavor in bf16, adds (c)
+    python scripts/bench_infer.py                 # CPU: (a) the CPU default's shape and a 30M Llama; (b)-(e) the 30M
+    python scripts/bench_infer.py --only d        # one part
+    python scripts/bench_infer.py --flavor 1b     # GPU: the 1B flavor in bf16, (a) and (e)
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ def make_model(path: str, flavor: str) -> None:
 
 
 def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=()) -> dict:
+    """One framework.generate job; batch/micro None leave the defaults. Returns its summary."""
     summary = os.path.join(os.path.dirname(prompts_file), f"s-{pp}-{batch}-{micro}.json")
-    args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}",
-            f"infer.batch_size={batch}", f"infer.max_new_tokens={new}", f"infer.micro_batches={micro}",
-            "infer.ignore_eos=true", f"infer.dtype={dtype}", f"infer.device={device}", f"infer.summary={summary}",
-            "infer.progress=false", *extra]
+    knobs = ([f"infer.max_batch={batch}"] if batch else []) + ([f"infer.micro_batches={micro}"] if micro else [])
+    args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}", *knobs,
+            f"infer.max_new_tokens={new}", "infer.ignore_eos=true", f"infer.dtype={dtype}", f"infer.device={device}",
+            f"infer.summary={summary}", "infer.progress=false", *extra]
     launcher = [sys.executable, "-m"] if pp == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
                                                       "--standalone", f"--nproc_per_node={pp}", "-m"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
@@ -104,24 +111,70 @@ def ratio_cell(ours: list[float], base: list[float]) -> str:
     return f"{statistics.median(ours) / statistics.median(base):.2f}x{spread}"
 
 
-def copy_bandwidth_gbs(device: str) -> float:
-    x = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
+def read_bandwidth_gbs(device: str) -> float:
+    """What one thread (CPU) or the device (GPU) reads per second: the best of several sums of 1 GiB."""
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    best = 0.0
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def bytes_per_token(path: str, dtype_bytes: int, context: int) -> float:
+    """Bytes a batch-1 decode step reads: every weight but the embedding table (one row of it), and the KV
+    cache up to the average context."""
+    from framework.infer.loader import read_model_args
+
+    args = read_model_args(path)
+    weights = args.num_params(include_embedding=False) + args.dim
+    if args.tie_embeddings:
+        weights += args.vocab_size * args.dim  # the head reads the shared table
+    kv = 2 * args.n_layers * args.kv_heads * args.head_dim * context
+    return (weights + kv) * dtype_bytes
+
+
+def hf_static_compiled(path, new, dtype, device, prompt) -> float:
+    """transformers generate() with a static cache and torch.compile, batch 1 (decode tokens/s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    enc = tok([prompt], return_tensors="pt").to(device)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+              pad_token_id=tok.pad_token_id)
+    for _ in range(2):  # compile and warm the graphs
+        model.generate(**enc, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
+    model.generate(**enc, **kw)
     torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (time.perf_counter() - t0) / 1e9  # read + write
+    return new / (time.perf_counter() - t0)
+
+
+def write_prompts(path: str, prompts: list[str], **fields) -> str:
+    with open(path, "w") as f:
+        for i, p in enumerate(prompts):
+            row = {"prompt": p, **{k: (v[i] if isinstance(v, list) else v) for k, v in fields.items()}}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def med(xs):
+    return statistics.median(xs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
-    ap.add_argument("--only", default=None, choices=["a", "b"], help="run one part")
-    ap.add_argument("--shapes", default="small,30m", help="CPU: the model shapes of (a); (b) uses the last")
+    ap.add_argument("--only", default=None, choices=["a", "b", "c", "d", "e"], help="run one part")
+    ap.add_argument("--shapes", default="small,30m", help="CPU: the model shapes of (a); (b)-(e) use the last")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--requests", type=int, default=256, help="(b): requests, all decoded as one batch")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the configurations, interleaved (medians reported)")
@@ -135,30 +188,28 @@ def main() -> None:
         make_model(os.path.join(tmp, f), f)
     path = os.path.join(tmp, flavors[-1])
     prompts = [f"reverse: {' '.join(str((i * 7 + j) % 10) for j in range(3 + i % 6))} =" for i in range(a.requests)]
-    pfile = os.path.join(tmp, "prompts.jsonl")
-    with open(pfile, "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    pfile = write_prompts(os.path.join(tmp, "prompts.jsonl"), prompts)
+    cpu = device == "cpu"
+    want = (lambda part: a.only in (None, part))
     rows = []
-    for flavor in flavors if a.only in (None, "a") else []:
+    for flavor in flavors if want("a") else []:
         for batch in (1, 8):
             n = 4 if batch == 1 else 64  # runs of a few seconds at least: shorter ones are at the mercy of the VM
-            sub = os.path.join(tmp, f"p{batch}.jsonl")
-            with open(sub, "w") as f:
-                f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
+            sub = write_prompts(os.path.join(tmp, f"p{batch}.jsonl"), prompts[:n])
             model = os.path.join(tmp, flavor)
             hf, ours, plain = [], [], []
             for _ in range(a.repeats):  # interleaved, as in (b)
                 hf.append(run_hf(model, batch, a.new, tdtype, device, prompts[:n]))
                 ours.append(run_ours(model, 1, batch, a.new, 1, dtype, device, sub)["tokens_per_s"])
-                if device == "cpu" and flavor == "30m":  # what packing the fp32 weights adds
+                if cpu and flavor == "30m":  # what packing the fp32 weights adds
                     plain.append(run_ours(model, 1, batch, a.new, 1, dtype, device, sub,
                                           ["infer.packed_weights=false"])["tokens_per_s"])
-            rows.append((f"(a) {flavor} pp=1 decode, batch {batch}", f"{statistics.median(ours):.1f}",
-                         f"transformers generate(): {statistics.median(hf):.1f}", ratio_cell(ours, hf)))
+            rows.append((f"(a) {flavor} pp=1 decode, batch {batch}", f"{med(ours):.1f}",
+                         f"transformers generate(): {med(hf):.1f}", ratio_cell(ours, hf)))
             if plain:
-                rows.append(("    the same without packed weights", f"{statistics.median(plain):.1f}",
-                             f"transformers generate(): {statistics.median(hf):.1f}", ratio_cell(plain, hf)))
-    if device == "cpu" and a.only in (None, "b"):
+                rows.append(("    the same without packed weights", f"{med(plain):.1f}",
+                             f"transformers generate(): {med(hf):.1f}", ratio_cell(plain, hf)))
+    if cpu and want("b"):
         # Each configuration runs --repeats times, interleaved, so that a slow spell of this shared machine falls on
         # all of them alike; the table gives medians and the spread of the per-round ratios.
         configs = [("pp=1", 1, 1), ("(b) pp=2 naive split (1 micro-batch)", 2, 1), ("(b) pp=2, 2 micro-batches", 2, 2),
@@ -167,10 +218,6 @@ def main() -> None:
         for _ in range(a.repeats):
             for name, pp, micro in configs:
                 runs[name].append(run_ours(path, pp, a.requests, a.new, micro, dtype, device, pfile))
-
-        def med(xs):
-            return statistics.median(xs)
-
         base = runs["pp=1"]
         for name, _, _ in configs[1:]:
             rs = runs[name]
@@ -180,17 +227,56 @@ def main() -> None:
                 rows.append((label, f"{med([r[key] for r in rs]):.1f}",
                              f"pp=1 same batch: {med([b[key] for b in base]):.1f}",
                              ratio_cell([r[key] for r in rs], [b[key] for b in base]) + busy))
-    elif device != "cpu":
-        from framework.infer.loader import read_model_args
+    if cpu and want("c"):  # the defaults: no batch or micro-batch knob
+        sub = write_prompts(os.path.join(tmp, "c.jsonl"), prompts[:128])
+        one, two = [], []
+        for _ in range(a.repeats):
+            one.append(run_ours(path, 1, None, 48, None, dtype, device, sub)["tokens_per_s"])
+            two.append(run_ours(path, 2, None, 48, None, dtype, device, sub)["tokens_per_s"])
+        rows.append(("(c) defaults: 128 requests x 48, pp=2", f"{med(two):.1f}", f"pp=1 defaults: {med(one):.1f}",
+                     ratio_cell(two, one)))
+    if cpu and want("d"):  # continuous against static batching, output lengths that vary
+        import random
 
-        args = read_model_args(path)
-        weight_bytes = args.num_params() * 2
-        bw = copy_bandwidth_gbs(device)
-        limit = bw * 1e9 / weight_bytes
-        r = run_ours(path, 1, 1, a.new, 1, dtype, device, os.path.join(tmp, "p1.jsonl"))
-        rows.append(("(c) batch-1 bf16 decode vs bandwidth limit", f"{r['tokens_per_s']:.1f}",
-                     f"limit {limit:.1f} ({bw:.0f} GB/s copy, {weight_bytes / 1e9:.2f} GB weights)",
-                     f"{r['tokens_per_s'] / limit:.0%} of limit"))
+        rng = random.Random(0)
+        lengths = [min(256, 1 + int(rng.expovariate(1 / 47.5))) for _ in range(256)]
+        sub = write_prompts(os.path.join(tmp, "d.jsonl"), [prompts[i % len(prompts)] for i in range(256)],
+                            max_new_tokens=lengths)
+        runs = {(pp, pol): [] for pp in (1, 2) for pol in ("continuous", "static")}
+        for _ in range(a.repeats):
+            for pp, pol in runs:
+                runs[(pp, pol)].append(run_ours(path, pp, 64, 256, None, dtype, device, sub, [f"infer.scheduler={pol}"]))
+        for pp in (1, 2):
+            c, st = runs[(pp, "continuous")], runs[(pp, "static")]
+
+            def lat(rs):
+                return f"p50 {med([r['latency_p50_s'] for r in rs]):.1f} s, p99 {med([r['latency_p99_s'] for r in rs]):.1f} s"
+
+            rows.append((f"(d) continuous, pp={pp}, max_batch 64", f"{med([r['tokens_per_s'] for r in c]):.1f}",
+                         f"static: {med([r['tokens_per_s'] for r in st]):.1f}",
+                         ratio_cell([r["tokens_per_s"] for r in c], [r["tokens_per_s"] for r in st])))
+            rows.append(("    request latency", "", f"static: {lat(st)}", f"continuous: {lat(c)}"))
+    if want("e"):  # batch-1 decode against the read-bandwidth limit
+        sub = write_prompts(os.path.join(tmp, "e.jsonl"), prompts[:1])
+        per_token = bytes_per_token(path, 2 if dtype == "bf16" else 4, context=8 + a.new // 2)
+        results = {"eager": [], "compiled": [], "bw": [], "hf": []}
+        for _ in range(a.repeats):
+            results["bw"].append(read_bandwidth_gbs(device))
+            results["eager"].append(run_ours(path, 1, 1, a.new, None, dtype, device, sub,
+                                             ["infer.compile=false"])["decode_tokens_per_s"])
+            results["compiled"].append(run_ours(path, 1, 1, a.new, None, dtype, device, sub,
+                                                ["infer.compile=true"])["decode_tokens_per_s"])
+            if not cpu:
+                results["hf"].append(hf_static_compiled(path, a.new, tdtype, device, prompts[0]))
+        bw = med(results["bw"])
+        for mode in ("eager", "compiled"):
+            tps = med(results[mode])
+            rows.append((f"(e) batch-1 decode, {mode}", f"{tps:.1f}",
+                         f"limit {bw * 1e9 / per_token:.1f} ({bw:.1f} GB/s read, {per_token / 1e6:.1f} MB/token)",
+                         f"{tps * per_token / (bw * 1e9):.0%} of the read bandwidth"))
+        if results["hf"]:
+            tps = med(results["hf"])
+            rows.append(("    transformers, static cache + compile", f"{tps:.1f}", "", f"{tps * per_token / (bw * 1e9):.0%}"))
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread/process"
     print(f"\nbench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}")
     print(f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<42} |")

@@ -101,12 +101,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, window: int, masked: bool) -> torch.Tensor:
+                     positions: torch.Tensor, window: int, masked: bool, slot: int | None = None) -> torch.Tensor:
     """One new query a row against its cached keys 0..position, within the first ``window`` positions of the
-    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask."""
+    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask; one row whose
+    slot is known on the host (``slot``, eager only) reads a view of its cache instead of a gathered copy."""
     B, H, hd = q.shape
-    if B == 1:  # one row: a view of its slot
-        k, v = kc[slots[0], :, :window][None], vc[slots[0], :, :window][None]
+    if slot is not None:
+        k, v = kc[slot, :, :window][None], vc[slot, :, :window][None]
     else:
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
         v = vc[:, :, :window].index_select(0, slots)
@@ -153,11 +154,22 @@ class StageWorker:
         self.first, self.last = weights.first, weights.last
         self.busy_s = 0.0
         self.cuda = device.type == "cuda"
-        # CUDA graphs want few distinct shapes: rows and window padded to buckets. Eager CPU pads nothing.
-        self.row_bucket = 8 if (compile_decode and self.cuda) else 1
-        self.window_bucket = 256 if compile_decode else (1 if not self.cuda else 64)
-        self._decode = self._decode_step
+        # CUDA graphs want few distinct shapes: rows padded to a power of two, and every step attends over the
+        # whole cache (a mask hides the unwritten tail), as gpt-fast does. Compiled on CPU, the window grows in
+        # buckets of 256 (inductor makes the size dynamic after its first change). Eager CPU pads nothing.
+        self.pow2_rows = compile_decode and self.cuda
         if compile_decode:
+            self.window_bucket = cache.max_len if self.cuda else 256
+        else:
+            self.window_bucket = 64 if self.cuda else 1
+        self._decode, self.compiled = self._decode_step, compile_decode
+        if compile_decode:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            if self.cuda:  # the cache is written inside the graphs: give it fixed addresses
+                for t in cache.k + cache.v:
+                    torch._dynamo.mark_static_address(t)
             mode = "reduce-overhead" if self.cuda else None
             self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False if self.cuda else None)
 
@@ -192,11 +204,11 @@ class StageWorker:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.w.lm_head(self.w.norm(x))
 
-    def _decode_step(self, x, slots, positions, window: int, masked: bool):
-        """Decode-only step (the compiled one): one token per row."""
+    def _decode_step(self, x, slots, positions, window: int, masked: bool, slot: int | None = None):
+        """Decode-only step (the compiled one, with ``slot`` None): one token per row."""
         if self.first:
             x = self.w.embed(x)
-        x = self._layers(x, positions, slots, (slots, positions, window, masked), [])
+        x = self._layers(x, positions, slots, (slots, positions, window, masked, slot), [])
         return self._head(x) if self.last else x
 
     # -- a step -------------------------------------------------------------------------------------------
@@ -228,7 +240,7 @@ class StageWorker:
     def _decode_only(self, plan, x: torch.Tensor) -> torch.Tensor:
         n = len(plan.dec_slots)
         slots, pos = list(plan.dec_slots), list(plan.dec_pos)
-        padded = -(-n // self.row_bucket) * self.row_bucket
+        padded = 1 << (n - 1).bit_length() if self.pow2_rows else n
         if padded > n:  # padding rows write to the scratch slot at position 0
             slots += [self.cache.scratch] * (padded - n)
             pos += [0] * (padded - n)
@@ -237,7 +249,11 @@ class StageWorker:
         win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
         t_slots = torch.tensor(slots, device=self.device)
         t_pos = torch.tensor(pos, device=self.device)
-        out = self._decode(x, t_slots, t_pos, win, padded > 1 or win != pos[0] + 1)
+        masked = padded > 1 or win != pos[0] + 1
+        if not self.compiled and padded == 1:  # eager, one row: a view of its slot's cache
+            out = self._decode_step(x, t_slots, t_pos, win, masked, slots[0])
+        else:
+            out = self._decode(x, t_slots, t_pos, win, masked)
         return out[:n] if padded > n else out
 
 
