@@ -22,7 +22,12 @@ from framework.config import ExportConfig  # noqa: E402
 def main(cfg: DictConfig) -> None:
     from framework.checkpoint.convert import export_checkpoint
 
-    export_checkpoint(cfg)
+    def with_engine(*args):  # only a checkpoint without per-parameter state needs the trainer (and DeepSpeed)
+        from framework.trainer.trainer import export_with_engine
+
+        return export_with_engine(*args)
+
+    export_checkpoint(cfg, with_engine=with_engine)
 
 
 if __name__ == "__main__":

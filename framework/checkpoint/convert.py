@@ -11,12 +11,13 @@ without DeepSpeed: each rank reads the tensors of the shard files it owns, memor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from omegaconf import OmegaConf
 
 from framework.checkpoint.manager import read_state
 from framework.cli import UserError
-from framework.config import ExportConfig, TrainConfig
+from framework.config import ExportConfig
 
 
 def find_checkpoint(path: str | None) -> tuple[str, str]:
@@ -41,12 +42,10 @@ def has_universal(step_dir: str) -> bool:
 
 def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
     """Export from the per-parameter state; every launched rank calls this (no collectives but barriers)."""
-    from framework.checkpoint.export import write_export
+    from framework.checkpoint.export import PRECISION_DTYPES, write_export
     from framework.checkpoint.manifest import verify_on_all_ranks
     from framework.checkpoint.universal import UniversalReader
     from framework.models.llama import ModelArgs
-    from framework.trainer.trainer import PRECISION_DTYPES
-
     verify_on_all_ranks(step_dir)
     state = read_state(step_dir)
     if "model_args" not in state:
@@ -58,7 +57,9 @@ def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
                         PRECISION_DTYPES[state.get("precision", "fp32")], {"step": state["step"]})
 
 
-def export_checkpoint(cfg) -> str:
+def export_checkpoint(cfg, with_engine: Callable | None = None) -> str:
+    """Export the checkpoint ``cfg.checkpoint`` names; one without per-parameter state needs ``with_engine(cfg,
+    run_dir, step_dir, state, out)``, which rebuilds the training engine at its layout (``framework.trainer``)."""
     if not isinstance(cfg, ExportConfig):
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), cfg))
     run_dir, step_dir = find_checkpoint(cfg.checkpoint)
@@ -73,41 +74,7 @@ def export_checkpoint(cfg) -> str:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[miaotui] exported {step_dir} -> {out}", flush=True)
         return out
-    return _export_with_engine(cfg, run_dir, step_dir, state, out)
-
-
-def _export_with_engine(cfg: ExportConfig, run_dir: str, step_dir: str, state: dict, out: str) -> str:
-    conf_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(conf_path):
-        raise UserError(f"{conf_path} is missing: the export needs the run's resolved config")
-    train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                                                                 OmegaConf.load(conf_path)))
-    train_cfg.run_dir = run_dir
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != state["world_size"]:
-        raise UserError(f"{step_dir} was saved by {state['world_size']} processes (dp={state['layout']['dp']}, "
-                        f"tp={state['layout']['tp']}) without per-parameter state: launch with "
-                        f"torchrun --nproc_per_node={state['world_size']}")
-
-    from framework.checkpoint.manager import CheckpointManager
-    from framework.data.tokenizer import load_tokenizer
-    from framework.models.llama import build_model
-    from framework.parallel.distributed import init_distributed, pick_device
-    from framework.parallel.parallelize import parallelize, quiet_deepspeed
-    from framework.trainer.trainer import export_engine, model_shape, resolve_model_args, validate
-
-    quiet_deepspeed()
-    device = pick_device(train_cfg.parallel.device)
-    rank, world = init_distributed(device, train_cfg.parallel.backend, train_cfg.parallel.timeout_s)
-    topo = validate(train_cfg, world, rank)
-    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
-    args = resolve_model_args(train_cfg, len(tokenizer))
-    ckpt = CheckpointManager(run_dir, 0, topo.is_rank0)
-    state = ckpt.inspect(step_dir, model_shape(args))
-    model = build_model(args, device=device, seed=train_cfg.seed)
-    engine = parallelize(model, train_cfg.parallel, train_cfg.trainer, topo, lambda s: 1.0)
-    ckpt.load(engine, step_dir, state)
-    export_engine(engine, train_cfg, args, topo, out, state["step"], max_shard_mb=cfg.max_shard_size_mb)
-    if topo.is_rank0:
-        print(f"[miaotui] exported {step_dir} -> {out}", flush=True)
-    return out
+    if with_engine is None:
+        raise UserError(f"{step_dir} has no per-parameter state (saved with checkpoint.universal=false): export it "
+                        "with python -m framework.export at the layout it was saved with")
+    return with_engine(cfg, run_dir, step_dir, state, out)

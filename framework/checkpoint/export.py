@@ -25,6 +25,41 @@ from framework.parallel.distributed import barrier
 from framework.parallel.parallelize import tp_partition_dim
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: str, dst: str) -> None:
+    """Put directory ``new`` at ``dst``, replacing what is there without a moment where neither exists on disk.
+
+    Where the filesystem swaps atomically, ``dst`` is at every instant the old or the new directory. Elsewhere the
+    old one is renamed aside (``dst.old``) first and deleted only once the new one is in place.
+    """
+    if not os.path.lexists(dst):
+        os.replace(new, dst)
+        return
+    if _exchange(new, dst):
+        shutil.rmtree(new)  # now the old directory
+        return
+    aside = dst.rstrip("/") + ".old"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(dst, aside)
+    os.replace(new, dst)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def export_names_and_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
@@ -85,7 +120,8 @@ def export_from_module(module: torch.nn.Module, args: ModelArgs, out_dir: str, t
 def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_dir: str, tokenizer_dir: str | None,
                  max_shard_mb: int, dtype: torch.dtype, extra_manifest: dict | None = None) -> str:
     """Every rank calls ``get_full(name)`` for every tensor in the same order (it may be collective) and writes the
-    shard files it owns into ``out_dir.tmp``; rank 0 adds the rest and renames the directory into place."""
+    shard files it owns into ``out_dir.tmp``; rank 0 adds the rest and swaps the directory into place (an earlier
+    export stays whole until the new one replaces it)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     names_shapes = export_names_and_shapes(args)
@@ -126,8 +162,7 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
         with open(os.path.join(tmp_dir, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}, f, indent=1)
         write_manifest(tmp_dir, extra_manifest)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     barrier()
     return out_dir
 

@@ -8,7 +8,10 @@ Layout (one directory per step, every rank writing its own shards through DeepSp
     checkpoints/latest         names the newest complete checkpoint; replaced atomically, last
 
 ``latest`` moves only after every rank finished writing and the manifest is written, so a crash mid-save leaves
-the previous checkpoint as ``latest`` and the half-written directory is never used.
+the previous checkpoint as ``latest`` and the half-written directory is never used. A complete checkpoint is never
+deleted to make room for its replacement: saving a step whose directory already holds one (a run resumed from an
+older checkpoint reaches the step again) writes ``step-N-r1`` (``-r2``, ...) beside it and removes the old one only
+once ``latest`` names the new.
 """
 
 from __future__ import annotations
@@ -16,18 +19,32 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 
 import torch
 import torch.distributed as dist
 
+from framework.checkpoint.faults import maybe_fail
 from framework.checkpoint.manifest import hash_files, list_files, verify_on_all_ranks, write_manifest
 from framework.checkpoint.universal import save_universal
 from framework.cli import UserError
 from framework.parallel.distributed import barrier, broadcast_object
-from framework.trainer.faults import maybe_fail
 
 STEP_PREFIX = "step-"
+_TAG = re.compile(r"^step-(\d+)(?:-r(\d+))?$")
+
+
+def model_shape(args) -> dict:
+    """What a checkpoint must agree on to be loaded into a model of ``args`` (a ModelArgs)."""
+    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size",
+                                          "tie_embeddings", "qkv_bias")}
+
+
+def tag_order(tag: str) -> tuple[int, int] | None:
+    """(step, revision) of a checkpoint directory name, None for anything else: steps sort as numbers."""
+    m = _TAG.match(tag)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
 
 
 def read_state(step_dir: str) -> dict:
@@ -72,11 +89,11 @@ class CheckpointManager:
 
         ``universal`` (tp, tp_group, max_shard_mb) also writes the layout-free per-parameter state.
         """
-        tag = step_dir_name(step)
+        tag, replaces = None, None
+        if self.is_rank0:
+            tag, replaces = self._free_tag(step)
+        tag, replaces = broadcast_object((tag, replaces))
         path = os.path.join(self.root, tag)
-        if self.is_rank0 and os.path.isdir(path):
-            shutil.rmtree(path)  # a stale half-written directory of the same step
-        barrier()
         engine.save_checkpoint(self.root, tag=tag, save_latest=False)
         if universal is not None:
             save_universal(engine, path, optimizer_step=step, **universal)
@@ -99,14 +116,33 @@ class CheckpointManager:
             with open(tmp, "w") as f:
                 f.write(tag + "\n")
             os.replace(tmp, os.path.join(self.root, "latest"))
+            if replaces is not None:  # the same step's older checkpoint, superseded now that latest moved
+                shutil.rmtree(os.path.join(self.root, replaces), ignore_errors=True)
             self._prune()
         barrier()
         return path
 
+    def _free_tag(self, step: int) -> tuple[str, str | None]:
+        """(directory to write step into, the complete checkpoint of the same step it supersedes).
+
+        A directory without a manifest is a stale half-written save of this step: deleted. A complete one stays
+        until the new checkpoint is complete and named by ``latest``.
+        """
+        os.makedirs(self.root, exist_ok=True)
+        same = sorted((d for d in os.listdir(self.root) if (tag_order(d) or (None,))[0] == step), key=tag_order)
+        complete = [d for d in same if os.path.isfile(os.path.join(self.root, d, "manifest.json"))]
+        for d in same:
+            if d not in complete:
+                shutil.rmtree(os.path.join(self.root, d))
+        if not complete:
+            return step_dir_name(step), None
+        revision = tag_order(complete[-1])[1] + 1
+        return f"{step_dir_name(step)}-r{revision}", complete[-1]
+
     def _prune(self) -> None:
         if self.keep <= 0:
             return
-        tags = sorted(d for d in os.listdir(self.root) if d.startswith(STEP_PREFIX))
+        tags = sorted((d for d in os.listdir(self.root) if tag_order(d) is not None), key=tag_order)
         latest = self.latest_tag()
         for tag in tags[: -self.keep]:
             if tag != latest:
@@ -135,14 +171,16 @@ class CheckpointManager:
         return path
 
     def inspect(self, path: str, model_shape: dict) -> dict:
-        """Before any heavy work: the model shape (rank 0, cheap), then the manifest (every rank hashes its share
-        of the files); returns trainer_state or raises UserError naming what is wrong."""
+        """Before any heavy work or any write: the model shape (rank 0, cheap; keys whose value is None are not
+        known yet and not compared), then the manifest (every rank hashes its share of the files); returns
+        trainer_state or raises UserError naming what is wrong."""
         error, state = None, None
         if self.is_rank0:
             try:
                 state = read_state(path)
                 saved = state.get("model", {})
-                diff = [f"{k} {saved[k]} vs {v}" for k, v in model_shape.items() if k in saved and saved[k] != v]
+                diff = [f"{k} {saved[k]} vs {v}" for k, v in model_shape.items()
+                        if k in saved and v is not None and saved[k] != v]
                 if diff:
                     raise UserError(f"checkpoint {path} is of another model ({', '.join(diff)} in this run): "
                                     "resume it with its own model config, or set checkpoint.resume=none")

@@ -90,6 +90,19 @@ def _cached(path: str, fingerprint: str) -> bool:
         return (f.metadata() or {}).get("fingerprint") == fingerprint
 
 
+def cached_vocab_size(cfg: DataConfig, seq_len: int, seed: int, run_dir: str) -> int | None:
+    """The vocabulary of the run's token blocks if they exist for this data config (read without building
+    anything), else None."""
+    path = os.path.join(run_dir, "data", "blocks.safetensors")
+    if not _cached(path, _fingerprint(cfg, seq_len, seed)):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        vocab = (f.metadata() or {}).get("vocab_size")
+    return int(vocab) if vocab else None
+
+
 def prepare_data(cfg: DataConfig, seq_len: int, seed: int, run_dir: str, is_rank0: bool) -> TokenData:
     """Rank 0 builds (or reuses) the blocks and tokenizer; every rank then loads the same files."""
     path = os.path.join(run_dir, "data", "blocks.safetensors")

@@ -105,6 +105,12 @@ def read_hf_config(model_dir: str) -> dict:
         return json.load(f)
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    """Whether a Hugging Face directory carries tokenizer files."""
+    return any(os.path.isfile(os.path.join(model_dir, f))
+               for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
+
+
 def weight_map(model_dir: str) -> dict[str, str]:
     """Tensor name -> safetensors file name, from the index or the single model.safetensors."""
     index = os.path.join(model_dir, "model.safetensors.index.json")

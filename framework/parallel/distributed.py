@@ -44,7 +44,13 @@ def pick_device(device: str = "auto") -> torch.device:
         raise UserError(f"unknown device '{device}': use auto, cpu or cuda")
     if device == "cuda":
         _, local, _ = env_rank_world()
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or local + 1)
+        if max(per_node, local + 1) > gpus:
+            # NCCL refuses two ranks on one GPU much later ("Duplicate GPU detected"): say it now.
+            raise UserError(f"{max(per_node, local + 1)} processes on this node but {gpus} GPU(s) visible: launch one "
+                            f"process per GPU (--nproc_per_node={gpus}, NPROC={gpus}) or use device=cpu")
+        torch.cuda.set_device(local)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -9,7 +9,10 @@ Each step is switchable from ``ParallelConfig``; the model file itself never see
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -87,8 +90,10 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     import deepspeed
     from deepspeed.utils import groups
 
-    # DeepSpeed's comm layer wraps the process group we already initialised.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    # DeepSpeed's comm layer wraps the process group we already initialised (it prints from every rank when it
+    # builds its CPU shared-memory op: rank 0 speaks).
+    with contextlib.redirect_stdout(sys.stdout if topo.is_rank0 else io.StringIO()):
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
     #    AutoTP then shards the matched parameters inside deepspeed.initialize.
     if topo.tp > 1:
@@ -112,13 +117,21 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     return engine
 
 
-def quiet_deepspeed() -> None:
-    """DeepSpeed logs at INFO on every rank; keep warnings only (our loggers speak for rank 0)."""
-    os.environ.setdefault("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", ""))
-    if not os.environ["DS_ACCELERATOR"]:
-        del os.environ["DS_ACCELERATOR"]
+def quiet_deepspeed(rank0: bool | None = None) -> None:
+    """DeepSpeed logs at INFO on every rank: keep its warnings only, and name the accelerator so that it does not
+    warn about guessing it. Off rank 0 (``rank0`` False; None reads RANK) Python's warnings are silenced: library
+    warnings (torch's FutureWarnings raised inside DeepSpeed) then appear once, from rank 0."""
     import logging
+    import warnings
 
+    if not os.environ.get("DS_ACCELERATOR"):
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if rank0 is None:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+    if not rank0:
+        warnings.simplefilter("ignore")
+    else:  # torch's deprecations of the collectives DeepSpeed calls repeat at every call, and they are not ours
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)

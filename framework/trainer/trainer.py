@@ -1,6 +1,7 @@
-"""The trainer: validate, prepare data, build and parallelize the model, loop, evaluate, checkpoint, export.
+"""The trainer: ``train(cfg)`` is what ``python -m framework.train`` calls and what tests call with a composed config.
 
-``train(cfg)`` is what ``python -m framework.train`` calls and what tests call with a composed config.
+It runs the steps its docstring lists, each a function of this file; nothing is written to the run directory
+until the checkpoint to resume from (if any) has passed its checks.
 """
 
 from __future__ import annotations
@@ -10,29 +11,31 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoint.export import export_from_module
-from framework.checkpoint.manager import CheckpointManager
+from framework.checkpoint.export import PRECISION_DTYPES, export_from_module
+from framework.checkpoint.faults import maybe_fail
+from framework.checkpoint.manager import CheckpointManager, model_shape
 from framework.checkpoint.universal import load_universal_optimizer, load_universal_weights
 from framework.cli import UserError
 from framework.config import TrainConfig, TrainerConfig
-from framework.data.dataset import prepare_data
+from framework.data.dataset import TokenData, cached_vocab_size, prepare_data
 from framework.data.loader import ShardedLoader
 from framework.data.sources import validate_data_config
-from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config
+from framework.models.hf import from_hf_config, has_tokenizer, load_hf_weights, read_hf_config
 from framework.models.llama import ModelArgs, build_model
 from framework.parallel.distributed import barrier, init_distributed, pick_device
 from framework.parallel.parallelize import accumulation_steps, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
-from framework.trainer.faults import maybe_fail
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
 from framework.trainer.metrics import device_peak_tflops, peak_memory_gb, warmup_cosine
+
+__all__ = ["PRECISION_DTYPES", "model_shape", "train", "validate", "resolve_model_args", "export_engine"]
 
 
 def as_train_config(cfg) -> TrainConfig:
@@ -44,13 +47,33 @@ def as_train_config(cfg) -> TrainConfig:
     raise TypeError(f"expected TrainConfig or DictConfig, got {type(cfg)}")
 
 
+def with_init_from(cfg: TrainConfig) -> TrainConfig:
+    """``trainer.init_from``: the model's shape comes from the HF config it loads, and its tokenizer from the same
+    directory unless ``data.tokenizer`` names another (a fresh BPE would pair new ids with trained embeddings)."""
+    src = cfg.trainer.init_from
+    if not src:
+        return cfg
+    args = from_hf_config(read_hf_config(src), name=cfg.model.name)
+    data = cfg.data
+    if data.tokenizer is None:
+        if not has_tokenizer(src):
+            raise UserError(f"trainer.init_from={src} has no tokenizer files: set data.tokenizer=<the directory of the "
+                            "tokenizer the model was trained with>")
+        data = replace(data, tokenizer=src)
+    return replace(cfg, model=args, data=data)
+
+
 def validate(cfg: TrainConfig, world_size: int, rank: int) -> Topology:
-    """Every check that needs no heavy work, run identically on every rank (only rank 0 prints the failure)."""
+    """Every check that needs no heavy work and writes nothing, run identically on every rank (only rank 0 prints
+    the failure). ``cfg`` has been through ``with_init_from``: the model is the one that will be built."""
     p, t, m = cfg.parallel, cfg.trainer, cfg.model
     if p.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"parallel.precision={p.precision}: use fp32, bf16 or fp16")
     if p.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
+    if p.precision == "fp16" and pick_device(p.device).type != "cuda":
+        raise UserError("parallel.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU): use bf16 or fp32")
+    what = f" of trainer.init_from={t.init_from}" if t.init_from else ""
     topo = build_topology(world_size, rank, tp=p.tp, n_heads=m.n_heads, n_kv_heads=m.kv_heads, ffn_dim=m.ffn_dim)
     if m.dim % m.n_heads:
         raise UserError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -62,17 +85,28 @@ def validate(cfg: TrainConfig, world_size: int, rank: int) -> Topology:
             f"{t.micro_batch_size} x {topo.dp}: make it a multiple of {t.micro_batch_size * topo.dp}"
         )
     if t.seq_len > m.max_seq_len:
-        raise UserError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        raise UserError(f"trainer.seq_len={t.seq_len} exceeds the context of {m.max_seq_len} tokens of the model{what}")
     if t.max_steps < 1:
         raise UserError("trainer.max_steps must be >= 1")
     if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
         raise UserError(f"trainer.stop_at={t.stop_at} must be between 1 and trainer.max_steps={t.max_steps}")
-    if p.zero_stage == 3 and p.tp > 1:
-        pass  # supported by DeepSpeed; gathered through both dimensions at export
     validate_data_config(cfg.data)
-    if t.init_from is not None:
-        read_hf_config(t.init_from)
+    if t.init_from and cfg.data.tokenizer:
+        check_init_tokenizer(cfg)
     return topo
+
+
+def check_init_tokenizer(cfg: TrainConfig) -> None:
+    """The tokenizer must index the embedding it starts from: no id past its rows, and another tokenizer than the
+    model's own only if its vocabulary is exactly the embedding's."""
+    from framework.data.tokenizer import load_tokenizer
+
+    n, rows = len(load_tokenizer(cfg.data.tokenizer)), cfg.model.vocab_size
+    own = os.path.realpath(cfg.data.tokenizer) == os.path.realpath(cfg.trainer.init_from)
+    if n > rows or (not own and n != rows):
+        raise UserError(f"data.tokenizer={cfg.data.tokenizer} has {n} tokens but the embedding of trainer.init_from="
+                        f"{cfg.trainer.init_from} has {rows} rows: use the model's own tokenizer (leave data.tokenizer "
+                        "unset)")
 
 
 def write_run_config(cfg: TrainConfig, run_dir: str, topo: Topology) -> None:
@@ -83,18 +117,15 @@ def write_run_config(cfg: TrainConfig, run_dir: str, topo: Topology) -> None:
         f.write(OmegaConf.to_yaml(conf))
 
 
-def resolve_model_args(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
-    if cfg.trainer.init_from:
-        return from_hf_config(read_hf_config(cfg.trainer.init_from), name=cfg.model.name)
+def resolve_model_args(cfg: TrainConfig, vocab_size: int | None) -> ModelArgs:
+    """The model to build: the config's (the HF one after ``with_init_from``), its vocabulary the tokenizer's unless
+    set. ``vocab_size`` None (not known yet) leaves an unset vocabulary unset."""
     args = cfg.model
     if args.vocab_size is None:
         args = replace(args, vocab_size=vocab_size)
-    elif args.vocab_size < vocab_size:
+    elif vocab_size is not None and args.vocab_size < vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return args
-
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_engine(engine, cfg: TrainConfig, args: ModelArgs, topo: Topology, out_dir: str, step: int,
@@ -104,12 +135,6 @@ def export_engine(engine, cfg: TrainConfig, args: ModelArgs, topo: Topology, out
                               tp_group=tp_group(topo),
                               max_shard_mb=max_shard_mb or cfg.checkpoint.max_shard_size_mb,
                               dtype=PRECISION_DTYPES[cfg.parallel.precision], extra_manifest={"step": step})
-
-
-def model_shape(args: ModelArgs) -> dict:
-    """What a checkpoint must agree on to be loaded into this model."""
-    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "vocab_size",
-                                          "tie_embeddings", "qkv_bias")}
 
 
 def tp_group(topo: Topology):
@@ -144,77 +169,150 @@ def restore_schedule(engine, step: int, global_batch_size: int) -> None:
     engine.global_steps, engine.global_samples = step, step * global_batch_size
 
 
-def train(cfg) -> dict:
-    """Run one training job; returns the last logged metrics and the paths it wrote."""
-    cfg = as_train_config(cfg)
+@dataclass
+class Job:
+    """What every step of ``train`` shares: the config, where this rank runs, and the run's state so far."""
+
+    cfg: TrainConfig
+    device: torch.device
+    topo: Topology
+    world: int
+    ckpt: CheckpointManager
+    resume_from: str | None = None
+    state: dict | None = None  # the checkpoint's trainer_state
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def layout(self) -> dict:
+        return {"dp": self.topo.dp, "tp": self.topo.tp, "zero_stage": self.cfg.parallel.zero_stage}
+
+    @property
+    def same_layout(self) -> bool:
+        return self.state is not None and self.state.get("layout") == self.layout \
+            and self.state.get("world_size") == self.world
+
+    def log(self, msg: str) -> None:
+        if self.topo.is_rank0:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def start(cfg: TrainConfig) -> Job:
+    """Device, process group and the validated layout; nothing written."""
     quiet_deepspeed()
     device = pick_device(cfg.parallel.device)
+    if device.type == "cuda":
+        # TF32 matmuls and convolutions: the fp32 peak of the MFU table assumes them.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rank, world = init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
     topo = validate(cfg, world, rank)
-    run_dir = cfg.run_dir
+    return Job(cfg, device, topo, world, CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, topo.is_rank0))
+
+
+def check_resume(job: Job) -> None:
+    """The checkpoint to resume from, checked (model shape, manifest) before anything is written: a refused resume
+    leaves the run directory as it was. The vocabulary is compared when it is known without building the data."""
+    cfg = job.cfg
+    job.resume_from = job.ckpt.resolve(cfg.checkpoint.resume)
+    if job.resume_from is None:
+        return
+    vocab = cfg.model.vocab_size or cached_vocab_size(cfg.data, cfg.trainer.seq_len, cfg.seed, cfg.run_dir)
+    job.state = job.ckpt.inspect(job.resume_from, model_shape(resolve_model_args(cfg, vocab)))
+
+
+def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
+    """Write config.yaml, build (or reuse) the tokenizer and token blocks; the model's final shape."""
+    cfg, topo = job.cfg, job.topo
     if topo.is_rank0:
-        write_run_config(cfg, run_dir, topo)
-        link_scheduler_logs(run_dir)
-    torch.manual_seed(cfg.seed)
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if topo.is_rank0 else (lambda s: None)
-    log(f"[miaotui] run_dir={run_dir} layout {topo} zero={cfg.parallel.zero_stage} precision={cfg.parallel.precision} "
-        f"device={device.type}")
-
-    # Data: rank 0 builds tokenizer and blocks once; every rank loads them.
-    data = prepare_data(cfg.data, cfg.trainer.seq_len, cfg.seed, run_dir, topo.is_rank0)
+        write_run_config(cfg, cfg.run_dir, topo)
+        link_scheduler_logs(cfg.run_dir)
+    data = prepare_data(cfg.data, cfg.trainer.seq_len, cfg.seed, cfg.run_dir, topo.is_rank0)
     args = resolve_model_args(cfg, len(data.tokenizer))
-    log(f"[miaotui] data: {data.train.shape[0]} train / {data.val.shape[0]} val blocks of {cfg.trainer.seq_len} tokens, "
-        f"vocab {len(data.tokenizer)}, unigram entropy {data.unigram_entropy:.3f} nats")
-    log(f"[miaotui] model {args.name}: {args.num_params() / 1e6:.2f}M parameters "
-        f"({args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / {args.kv_heads} kv)")
+    saved = (job.state or {}).get("model", {}).get("vocab_size")
+    if saved is not None and saved != args.vocab_size:  # known only now when the data config changed
+        raise UserError(f"checkpoint {job.resume_from} is of another model (vocab_size {saved} vs {args.vocab_size} "
+                        "in this run): resume it with its own data and tokenizer, or set checkpoint.resume=none")
+    job.log(f"[miaotui] data: {data.train.shape[0]} train / {data.val.shape[0]} val blocks of {cfg.trainer.seq_len} "
+            f"tokens, vocab {len(data.tokenizer)}, unigram entropy {data.unigram_entropy:.3f} nats")
+    job.log(f"[miaotui] model {args.name}: {args.num_params() / 1e6:.2f}M parameters "
+            f"({args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / {args.kv_heads} kv)")
+    return data, args
 
-    t = cfg.trainer
-    layout = {"dp": topo.dp, "tp": topo.tp, "zero_stage": cfg.parallel.zero_stage}
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, topo.is_rank0)
-    resume_from = ckpt.resolve(cfg.checkpoint.resume)
-    state = ckpt.inspect(resume_from, model_shape(args)) if resume_from else None
-    same_layout = state is not None and state.get("layout") == layout and state.get("world_size") == world
 
-    model = build_model(args, device=device, seed=cfg.seed)
-    if state is not None and not same_layout:
-        load_universal_weights(model, resume_from)
-    elif cfg.trainer.init_from:
-        load_hf_weights(model, cfg.trainer.init_from)
-        log(f"[miaotui] initialised from {cfg.trainer.init_from}")
-    engine = parallelize(model, cfg.parallel, t, topo,
-                         lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+def build_engine(job: Job, args: ModelArgs):
+    """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism."""
+    cfg, t = job.cfg, job.cfg.trainer
+    model = build_model(args, device=job.device, seed=cfg.seed)
+    if job.state is not None and not job.same_layout:
+        load_universal_weights(model, job.resume_from)
+    elif t.init_from:
+        load_hf_weights(model, t.init_from)
+        job.log(f"[miaotui] initialised from {t.init_from}")
+    return parallelize(model, cfg.parallel, t, job.topo,
+                       lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
-    loader = ShardedLoader(data.train, t.global_batch_size, topo.dp, topo.dp_rank, cfg.seed)
-    start_step, tokens_seen = 0, 0
-    timings: dict[str, float] = {}
-    if state is not None:
-        t_load = time.perf_counter()
-        if same_layout:
-            ckpt.load(engine, resume_from, state)
-        else:
-            load_universal_optimizer(engine, resume_from, topo.tp, topo.tp_rank, state["step"],
-                                     materialize=lambda: null_step(engine, t, device))
-            restore_schedule(engine, state["step"], t.global_batch_size)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        loader.load_state_dict(state["loader"])
-        barrier()
-        timings["load_s"] = time.perf_counter() - t_load
-        how = "" if same_layout else f" (saved at {state.get('layout')}, now {layout}: per-parameter state)"
-        log(f"[miaotui] resumed from {resume_from} at step {start_step}{how} in {timings['load_s']:.2f}s")
 
+def restore(job: Job, engine, loader: ShardedLoader) -> tuple[int, int]:
+    """Load the checkpoint's state into the engine and the loader; returns (step, tokens seen)."""
+    if job.state is None:
+        return 0, 0
+    state, t = job.state, job.cfg.trainer
+    t_load = time.perf_counter()
+    if job.same_layout:
+        job.ckpt.load(engine, job.resume_from, state)
+    else:
+        load_universal_optimizer(engine, job.resume_from, job.topo.tp, job.topo.tp_rank, state["step"],
+                                 materialize=lambda: null_step(engine, t, job.device))
+        restore_schedule(engine, state["step"], t.global_batch_size)
+    loader.load_state_dict(state["loader"])
+    barrier()
+    job.timings["load_s"] = time.perf_counter() - t_load
+    how = "" if job.same_layout else f" (saved at {state.get('layout')}, now {job.layout}: per-parameter state)"
+    job.log(f"[miaotui] resumed from {job.resume_from} at step {state['step']}{how} in {job.timings['load_s']:.2f}s")
+    return state["step"], state["tokens_seen"]
+
+
+def save(job: Job, engine, args: ModelArgs, loader: ShardedLoader, step: int, tokens_seen: int, logger) -> None:
+    cfg, topo = job.cfg, job.topo
+    universal = None
+    if cfg.checkpoint.universal:
+        universal = {"tp": topo.tp, "tp_group": tp_group(topo), "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
+    t_save = time.perf_counter()
+    path = job.ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                                        "layout": job.layout, "model": model_shape(args), "model_args": asdict(args),
+                                        "precision": cfg.parallel.precision}, universal)
+    job.timings["save_s"] = time.perf_counter() - t_save
+    logger.write(f"[miaotui] saved checkpoint {path} in {job.timings['save_s']:.2f}s")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the device: pinned and copied without blocking the host on CUDA."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoader, start_step: int,
+         tokens_seen: int) -> tuple[int, dict]:
+    """Train from ``start_step`` to ``trainer.stop_at`` (or max_steps), logging, evaluating and saving on the way.
+
+    The host waits for the device only at logged steps: the loss is reduced across ranks and read every
+    ``log_every`` steps, not every step.
+    """
+    cfg, t, device, topo = job.cfg, job.cfg.trainer, job.device, job.topo
     gas = accumulation_steps(topo, t)
     flops_per_token = args.flops_per_token(t.seq_len)
     peak = device_peak_tflops(device, cfg.parallel.precision, t.peak_tflops)
-    logger = MetricLogger(cfg.logger, run_dir, t.max_steps, start_step, topo.is_rank0,
+    logger = MetricLogger(cfg.logger, cfg.run_dir, t.max_steps, start_step, topo.is_rank0,
                           run_config=OmegaConf.to_container(OmegaConf.structured(cfg)), run_name=cfg.name)
     last: dict = {}
     step = start_step
-    window_tokens, window_time = 0, 0.0
+    window_tokens, window_start = 0, time.perf_counter()
     stop = t.stop_at or t.max_steps
+    step_tokens = t.global_batch_size * t.seq_len
     engine.train()
     while step < stop:
-        t0 = time.perf_counter()
-        batch = loader.next_batch().to(device)
+        batch = to_device(loader.next_batch(), device)
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=device)
         for micro in batch.split(t.micro_batch_size):
@@ -222,64 +320,119 @@ def train(cfg) -> dict:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-        loss_avg = loss_sum / gas
-        dist.all_reduce(loss_avg)
-        loss_value = loss_avg.item() / world  # tp ranks hold equal losses: the mean over dp
-        dt = time.perf_counter() - t0
         step += 1
-        step_tokens = t.global_batch_size * t.seq_len
         tokens_seen += step_tokens
         window_tokens += step_tokens
-        window_time += dt
         logger.advance()
-        if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1:
-            tps = window_tokens / max(window_time, 1e-9)
+        if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1 or step == stop:
+            loss_avg = loss_sum / gas
+            dist.all_reduce(loss_avg)
+            loss_value = loss_avg.item() / job.world  # tp ranks hold equal losses: the mean over dp
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / max(elapsed, 1e-9)
             gn = engine.get_global_grad_norm()
             last = {
                 "step": step, "loss": loss_value, "lr": lr,
                 "grad_norm": float(gn) if gn is not None else None,
-                "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
-                "tflops_per_device": flops_per_token * tps / world / 1e12,
-                "mfu": (flops_per_token * tps / world / (peak * 1e12)) if peak else None,
+                "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
+                "tflops_per_device": flops_per_token * tps / job.world / 1e12,
+                "mfu": (flops_per_token * tps / job.world / (peak * 1e12)) if peak else None,
                 "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
             }
             logger.log(last)
-            window_tokens, window_time = 0, 0.0
+            window_tokens, window_start = 0, time.perf_counter()
         if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
             ev = {"step": step, **evaluate(engine.module, data, t, device)}
             logger.log(ev)
             logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in ev.items()))
             last.update(ev)
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+            window_start = time.perf_counter()  # evaluation is not training throughput
         maybe_fail("step", step)
         save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
         save_end = step == stop and (cfg.checkpoint.save_final or step < t.max_steps)
         if save_now or save_end:
-            universal = None
-            if cfg.checkpoint.universal:
-                universal = {"tp": topo.tp, "tp_group": tp_group(topo),
-                             "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
-            t_save = time.perf_counter()
-            path = ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                                            "layout": layout, "model": model_shape(args),
-                                            "model_args": asdict(args), "precision": cfg.parallel.precision},
-                            universal)
-            timings["save_s"] = time.perf_counter() - t_save
-            logger.write(f"[miaotui] saved checkpoint {path} in {timings['save_s']:.2f}s")
+            save(job, engine, args, loader, step, tokens_seen, logger)
+            window_start = time.perf_counter()
     logger.close()
+    return step, last
 
+
+def finish(job: Job, engine, data: TokenData, args: ModelArgs, step: int, last: dict) -> dict:
+    """The export (when training reached max_steps) and summary.json."""
+    cfg = job.cfg
     export_dir = None
-    if cfg.checkpoint.export and step == t.max_steps:
+    if cfg.checkpoint.export and step == cfg.trainer.max_steps:
         t_export = time.perf_counter()
-        export_dir = export_engine(engine, cfg, args, topo, os.path.join(run_dir, "export"), step)
-        timings["export_s"] = time.perf_counter() - t_export
-        log(f"[miaotui] exported {export_dir} in {timings['export_s']:.2f}s")
+        export_dir = export_engine(engine, cfg, args, job.topo, os.path.join(cfg.run_dir, "export"), step)
+        job.timings["export_s"] = time.perf_counter() - t_export
+        job.log(f"[miaotui] exported {export_dir} in {job.timings['export_s']:.2f}s")
     barrier()
-    summary = {"run_dir": run_dir, "export_dir": export_dir, "step": step, "unigram_entropy": data.unigram_entropy,
-               **last, **timings}
-    if topo.is_rank0:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    summary = {"run_dir": cfg.run_dir, "export_dir": export_dir, "step": step, "unigram_entropy": data.unigram_entropy,
+               **last, **job.timings}
+    if job.topo.is_rank0:
+        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def export_with_engine(cfg, run_dir: str, step_dir: str, state: dict, out: str) -> str:
+    """``python -m framework.export`` of a checkpoint without per-parameter state: rebuild the engine at the
+    layout it was saved with, load DeepSpeed's shards, export."""
+    conf_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(conf_path):
+        raise UserError(f"{conf_path} is missing: the export needs the run's resolved config")
+    train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
+                                                                 OmegaConf.load(conf_path)))
+    train_cfg.run_dir = run_dir
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != state["world_size"]:
+        raise UserError(f"{step_dir} was saved by {state['world_size']} processes (dp={state['layout']['dp']}, "
+                        f"tp={state['layout']['tp']}) without per-parameter state: launch with "
+                        f"torchrun --nproc_per_node={state['world_size']}")
+
+    from framework.data.tokenizer import load_tokenizer
+
+    quiet_deepspeed()
+    device = pick_device(train_cfg.parallel.device)
+    rank, world = init_distributed(device, train_cfg.parallel.backend, train_cfg.parallel.timeout_s)
+    train_cfg = with_init_from(train_cfg)
+    topo = validate(train_cfg, world, rank)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    args = resolve_model_args(train_cfg, len(tokenizer))
+    ckpt = CheckpointManager(run_dir, 0, topo.is_rank0)
+    state = ckpt.inspect(step_dir, model_shape(args))
+    model = build_model(args, device=device, seed=train_cfg.seed)
+    engine = parallelize(model, train_cfg.parallel, train_cfg.trainer, topo, lambda s: 1.0)
+    ckpt.load(engine, step_dir, state)
+    export_engine(engine, train_cfg, args, topo, out, state["step"], max_shard_mb=cfg.max_shard_size_mb)
+    if topo.is_rank0:
+        print(f"[miaotui] exported {step_dir} -> {out}", flush=True)
+    return out
+
+
+def train(cfg) -> dict:
+    """Run one training job; returns the last logged metrics and the paths it wrote.
+
+    1. ``start``: device, process group, the validated layout (init_from's model and tokenizer taken first);
+    2. ``check_resume``: the checkpoint to resume from passes its shape and integrity checks, or the run stops
+       with the run directory untouched;
+    3. ``prepare``: config.yaml, tokenizer and token blocks;
+    4. ``build_engine``: the model, its starting weights, TP -> activation checkpointing -> ZeRO;
+    5. ``restore``: the checkpoint's weights, optimizer, schedule, loader and RNG;
+    6. ``loop``: steps, logs, evaluations, checkpoints;
+    7. ``finish``: the export and summary.json.
+    """
+    job = start(with_init_from(as_train_config(cfg)))
+    job.log(f"[miaotui] run_dir={job.cfg.run_dir} layout {job.topo} zero={job.cfg.parallel.zero_stage} "
+            f"precision={job.cfg.parallel.precision} device={job.device.type}")
+    check_resume(job)
+    torch.manual_seed(job.cfg.seed)
+    data, args = prepare(job)
+    engine = build_engine(job, args)
+    loader = ShardedLoader(data.train, job.cfg.trainer.global_batch_size, job.topo.dp, job.topo.dp_rank, job.cfg.seed)
+    start_step, tokens_seen = restore(job, engine, loader)
+    step, last = loop(job, engine, data, args, loader, start_step, tokens_seen)
+    return finish(job, engine, data, args, step, last)
