@@ -10,13 +10,14 @@
 #
 # Environment (defaults in brackets): HOSTFILE [none: one node], NPROC [the GPUs visible, else 2],
 # MASTER_ADDR [the first host], MASTER_PORT [29500], CONNECT_TIMEOUT [10], SSH_PORT [22],
-# DS_LAUNCHER [pdsh] (deepspeed's --launcher: pdsh, openmpi, mvapich, slurm), PYTHON [.venv/bin/python].
+# DS_LAUNCHER [pdsh] (deepspeed's --launcher: pdsh, openmpi, mvapich, slurm), PYTHON [the active python when it
+# imports the framework, else this checkout's .venv].
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 shift
-DEEPSPEED="$(dirname "$PYTHON")/deepspeed"
+DEEPSPEED=("$PYTHON" -m deepspeed.launcher.runner)
 if [ -z "${HOSTFILE:-}" ]; then
-  exec "$DEEPSPEED" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$WHAT.py" "$@"
+  exec "${DEEPSPEED[@]}" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$WHAT.py" "$@"
 fi
 
 if [ ! -f "$HOSTFILE" ]; then
@@ -48,5 +49,37 @@ for host in "${hosts[@]}"; do
     exit 2
   fi
 done
-exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-pdsh}" \
+launcher="${DS_LAUNCHER:-pdsh}"
+ds_args=()
+if [ "$launcher" = pdsh ]; then
+  if ! command -v pdsh >/dev/null; then
+    echo "error: the pdsh launcher needs pdsh on this node: install it (apt-get install pdsh) or set DS_LAUNCHER" >&2
+    exit 2
+  fi
+  # Log in the way pdsh will (PDSH_SSH_ARGS_APPEND carries keys and options): DeepSpeed's own check uses plain ssh.
+  read -r -a ssh_opts <<< "${PDSH_SSH_ARGS_APPEND:-}"
+  for host in "${hosts[@]}"; do
+    if ! ssh -o BatchMode=yes -o ConnectTimeout="$timeout_s" -p "${SSH_PORT:-22}" "${ssh_opts[@]}" "$host" true \
+         </dev/null >/dev/null 2>&1; then
+      echo "error: host '$host' in $HOSTFILE refuses a passwordless ssh login: install a key for this user" \
+           "(ssh-copy-id $host) or pass ssh options in PDSH_SSH_ARGS_APPEND" >&2
+      exit 2
+    fi
+  done
+  ds_args+=(--no_ssh_check)
+fi
+# DeepSpeed forwards only PYTHON*, NCCL*, UCX*, MV2* variables to the other nodes, plus the lines of
+# ~/.deepspeed_env and ./.deepspeed_env: hand it those files and the settings a run needs on every node.
+envfile="$(mktemp)"
+trap 'rm -f "$envfile"' EXIT
+for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do
+  if [ -f "$f" ]; then grep '=' "$f" >> "$envfile" || true; fi
+done
+for var in OMP_NUM_THREADS TOKENIZERS_PARALLELISM GLOO_SOCKET_IFNAME HF_HOME HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
+           WANDB_MODE WANDB_API_KEY DS_ACCELERATOR MIAOTUI_FAULT; do
+  [ -n "${!var:-}" ] && echo "$var=${!var}" >> "$envfile"
+done
+set +e
+DS_ENV_FILE="$envfile" "${DEEPSPEED[@]}" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" \
   --master_addr "${MASTER_ADDR:-${hosts[0]}}" --master_port "${MASTER_PORT:-29500}" "$REPO/framework/$WHAT.py" "$@"
+exit $?

@@ -20,11 +20,10 @@
 #   MAX_RESTARTS   restarts of the whole job after a worker failure (resumes from the last checkpoint) [0]
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME   the network interface that reaches the other nodes (several
 #                  interfaces, or a hostname that resolves to loopback, need it)
-#   PYTHON         the interpreter [.venv/bin/python of this checkout]
+#   PYTHON         the interpreter [the active python when it imports the framework, else this checkout's .venv]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 shift
-TORCHRUN="$(dirname "$PYTHON")/torchrun"
 NNODES="${NNODES:-1}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
@@ -43,7 +42,7 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-"$TORCHRUN" "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
+"$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
   -m "framework.$WHAT" "$@" 2> >(tee "$log" >&2)
 rc=$?
 wait
