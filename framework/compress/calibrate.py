@@ -53,10 +53,13 @@ def calib_data_config(calib: CalibConfig, tokenizer_dir: str) -> DataConfig:
 
 def calibration_blocks(calib: CalibConfig, tokenizer_dir: str) -> torch.Tensor:
     """(samples, seq_len) token ids drawn (seeded) from the packed corpus."""
+    import datasets
+
     from framework.data.dataset import tokenize_and_pack
     from framework.data.sources import load_corpus
     from framework.data.tokenizer import load_tokenizer
 
+    datasets.disable_progress_bars()
     cfg = calib_data_config(calib, tokenizer_dir)
     texts, _ = load_corpus(cfg, calib.seed)
     blocks = tokenize_and_pack(texts, load_tokenizer(tokenizer_dir), calib.seq_len - 1, cfg.num_proc)

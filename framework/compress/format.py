@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from framework.cli import UserError
 
 PACK_FORMAT = "pack-quantized"
+FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the engine's loader concatenates these
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 
@@ -192,6 +193,8 @@ def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str],
             else:
                 zp = unpack_int32(read(prefix + ".weight_zero_point"), bits, out_f, dim=0)
             new = Int4Linear(q.to(device), scale.to(device), zp.to(device), int(group), None, dtype)
+            if prefix.rsplit(".", 1)[-1] not in FUSED:
+                new.pack()  # o, down, head: final now; q|k|v and gate|up are packed by the fusion (Int4Linear.cat)
         if getattr(old, "bias", None) is not None:
             new.bias = torch.empty(out_f, dtype=dtype, device=device)  # filled with the plain tensors below
         set_submodule(model, prefix, new)

@@ -129,9 +129,9 @@ class Int4Linear(nn.Module):
     """Weight-only int4 linear, groups of ``group_size`` input features with a scale and an integer zero point.
 
     It holds the weights in a plain layout (``qweight`` (out, in/2) uint8, two unsigned nibbles a byte, low
-    nibble first) until its first ``forward`` or ``pack()``, which converts them to the kernel's tiled layout
-    and drops the plain copy: the tiled layout does not concatenate row-wise, so ``cat`` (the loader's q|k|v
-    fusion) works on plain modules."""
+    nibble first) until ``pack()`` (or its first ``forward``) converts them to the kernel's tiled layout and drops
+    the plain copy: the tiled layout does not concatenate row-wise, so ``cat`` (the loader's q|k|v fusion) takes
+    plain modules and returns a packed one. ``load_quantized`` packs at once the modules no fusion will take."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, dtype: torch.dtype):
@@ -159,8 +159,10 @@ class Int4Linear(nn.Module):
             raise RuntimeError("Int4Linear.cat needs modules not yet packed for the kernel")
         bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
         q = torch.cat([m.int_weight() for m in mods])
-        return cls(q, torch.cat([m.scale for m in mods]), torch.cat([m.zero_point for m in mods]),
-                   mods[0].group_size, bias, mods[0].dtype)
+        fused = cls(q, torch.cat([m.scale for m in mods]), torch.cat([m.zero_point for m in mods]),
+                    mods[0].group_size, bias, mods[0].dtype)
+        fused.pack()  # a fused module is final: lay it out for the kernel now, not inside a compiled step
+        return fused
 
     def int_weight(self) -> torch.Tensor:
         """(out, in) int8 in [-8, 7] from the plain layout."""
