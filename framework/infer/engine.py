@@ -39,22 +39,29 @@ class Engine:
     def _long(self, xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=self.device)
 
-    def run(self, more=None) -> None:
-        """Serve until the scheduler has no work (and ``more()``, when given, brings none)."""
+    def run(self, poll=None) -> None:
+        """Run until the scheduler has no work. ``poll(idle) -> bool``, when given, is called on stage 0 before
+        every decision: a front end adds requests to the scheduler there (and may block while ``idle``);
+        returning False stops the engine once the work it holds is done (a graceful stop)."""
         if self.first:
-            self._run_first(more)
+            self._run_first(poll)
         else:
             self._run_follower()
         if self.transport is not None:
             self.transport.finish()
 
-    def _run_first(self, more) -> None:
+    def _run_first(self, poll) -> None:
         sched, tr = self.scheduler, self.transport
         in_flight: deque[StepPlan] = deque()
+        accepting = poll is not None
         while True:
+            if accepting:
+                accepting = poll(not sched.has_work() and not in_flight)
             lane = sched.next_lane() if sched.has_work() else None
             if lane is not None:
                 plan = sched.schedule(lane)
+                if plan is None:
+                    continue
                 out = self.worker.step(plan, self._long(plan.tokens))
                 self.steps += 1
                 if self.pp == 1:
@@ -67,7 +74,7 @@ class Engine:
             if in_flight:
                 sched.complete(in_flight.popleft(), tr.take_tokens())
                 continue
-            if more is not None and more():
+            if accepting:
                 continue
             break
         if tr is not None:

@@ -52,6 +52,7 @@ class Sequence:
     t_first: float | None = None
     t_last: float | None = None
     t_done: float | None = None
+    cancelled: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -186,6 +187,30 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def cancel(self, index: int) -> bool:
+        """Drop a request (a client went away): a waiting one at once, a running one when its lane is next
+        idle (its slot may still be in a step in flight). False when it is not known (already finished)."""
+        for r in self.waiting:
+            if r.index == index:
+                self.waiting.remove(r)
+                return True
+        for lane in self.lanes:
+            for s in lane:
+                if s.request.index == index:
+                    s.cancelled = True
+                    return True
+        return False
+
+    def _drop_cancelled(self, lane: int) -> None:
+        now = time.perf_counter()
+        for s in self.lanes[lane]:
+            if s.cancelled and s.finish_reason is None:
+                s.finish_reason, s.t_done = "abort", now
+                self.pool.give(s.slot)
+                if self.on_finish:
+                    self.on_finish(s)
+        self.lanes[lane] = [s for s in self.lanes[lane] if s.finish_reason is None]
+
     @property
     def running(self) -> int:
         return sum(len(lane) for lane in self.lanes)
@@ -209,7 +234,9 @@ class Scheduler:
         return None
 
     # -- decisions ----------------------------------------------------------------------------------------
-    def schedule(self, lane: int) -> StepPlan:
+    def schedule(self, lane: int) -> StepPlan | None:
+        """The lane's next step (and the lane is then in flight), or None when cancellations left it nothing."""
+        self._drop_cancelled(lane)
         plan = StepPlan(lane=lane)
         seqs = self.lanes[lane]
         budget = self.prefill_chunk
@@ -236,6 +263,8 @@ class Scheduler:
                 plan.seg_sample.append(int(s.prefilled + n == s.prompt_len))
                 plan.tokens.extend(s.request.prompt_ids[s.prefilled: s.prefilled + n])
                 budget -= n
+        if not plan.tokens:
+            return None
         self.in_flight[lane] = True
         return plan
 
@@ -259,6 +288,7 @@ class Scheduler:
             if s:
                 self._append(seq, next(it), now)
         self.lanes[plan.lane] = [s for s in self.lanes[plan.lane] if s.finish_reason is None]
+        self._drop_cancelled(plan.lane)
         self.in_flight[plan.lane] = False
 
     def _append(self, seq: Sequence, tok: int, now: float) -> None:
