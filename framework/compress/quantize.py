@@ -50,22 +50,47 @@ def check_group_size(in_features: int, group_size: int, name: str = "") -> None:
                         f"pick a group size that divides it")
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _int4_grid(wg: torch.Tensor, ratio: float, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, scale, zp of groups ``wg`` (out, G, g) quantized over ``ratio`` of their range."""
+    if symmetric:
+        scale = (wg.abs().amax(dim=-1) * ratio / 7.5).clamp(min=1e-12)
+        zp = torch.zeros_like(scale)
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0.0) * ratio
+        hi = wg.amax(dim=-1).clamp(min=0.0) * ratio
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+        zp = torch.round(-8.0 - lo / scale).clamp(-8, 7)
+    q = torch.round(wg / scale[..., None] + zp[..., None]).clamp(-8, 7)
+    return q, scale, zp
+
+
 def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, in) float -> q (out, in) int8 in [-8, 7], scale (out, in/g) fp32, zero_point (out, in/g) int8
-    in [-8, 7]: ``w ~ (q - zp) * scale`` per group of ``group_size`` input features. ``symmetric``: zp = 0 and
-    scale = max|w| / 7.5 (compressed-tensors' symmetric int4), else min/max asymmetric."""
+    in [-8, 7]: ``w ~ (q - zp) * scale`` per group of ``group_size`` input features.
+
+    Asymmetric: the grid spans the group's [min, max] (0 included); symmetric: zp = 0, scale = max|w| / 7.5
+    (compressed-tensors' convention). Each group then keeps whichever of ``CLIP_RATIOS`` of that range gives the
+    smallest squared error: clipping a few outliers buys a finer step for the rest (the clip search of AWQ and
+    llama.cpp, here without activations)."""
     out_f, in_f = w.shape
     check_group_size(in_f, group_size)
     wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
-    if symmetric:
-        scale = (wg.abs().amax(dim=-1) / 7.5).clamp(min=1e-12)
-        q = torch.round(wg / scale[..., None]).clamp(-8, 7)
-        return q.reshape(out_f, in_f).to(torch.int8), scale, torch.zeros(scale.shape, dtype=torch.int8)
-    lo = wg.amin(dim=-1).clamp(max=0.0)
-    hi = wg.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-    zp = torch.round(-8.0 - lo / scale).clamp(-8, 7)
-    q = torch.round(wg / scale[..., None] + zp[..., None]).clamp(-8, 7)
+    best = None
+    for ratio in CLIP_RATIOS:
+        q, scale, zp = _int4_grid(wg, ratio, symmetric)
+        err = ((q - zp[..., None]) * scale[..., None] - wg).pow(2).sum(-1)  # (out, G)
+        if best is None:
+            best = [err, q, scale, zp]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better[..., None], q, best[1])
+        best[2] = torch.where(better, scale, best[2])
+        best[3] = torch.where(better, zp, best[3])
+    _, q, scale, zp = best
     return q.reshape(out_f, in_f).to(torch.int8), scale, zp.to(torch.int8)
 
 
@@ -165,7 +190,9 @@ class Int4Linear(nn.Module):
         return fused
 
     def int_weight(self) -> torch.Tensor:
-        """(out, in) int8 in [-8, 7] from the plain layout."""
+        """(out, in) int8 in [-8, 7] from the plain layout (before ``pack``)."""
+        if self.qweight is None:
+            raise RuntimeError("Int4Linear: the plain weights were dropped when packed for the kernel")
         u = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.out_features, self.in_features)
         return u.to(torch.int8) - 8
 
