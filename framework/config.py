@@ -186,7 +186,9 @@ class InferConfig:
     pp: int = 1
     """Pipeline stages; world size = pp x tp."""
     tp: int = 1
-    """Tensor-parallel ranks inside each stage (not yet supported: must be 1)."""
+    """Tensor-parallel ranks inside each stage (each reads 1/tp of every layer: lower latency)."""
+    allreduce: str = "auto"
+    """tp all-reduce on CPU: auto (DeepSpeed's shared-memory op where it applies, else the backend), shm, backend."""
     split: list[int] | None = None
     """Layers per stage, e.g. [3,5,5,3]; None splits evenly."""
     micro_batches: int = 0

@@ -69,8 +69,87 @@ def default_dtype(name: str | None, model_dir: str, device: torch.device) -> tup
     return name, DTYPES[name]
 
 
+# How tensor parallelism splits each weight: column-parallel (output rows) for q/k/v and gate/up, row-parallel
+# (input columns) for o and down, vocabulary rows for the embedding and the head; norms are replicated.
+_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias",
+         "gate_proj.weight", "up_proj.weight")
+_COLS = ("o_proj.weight", "down_proj.weight")
+_VOCAB = ("embed_tokens.weight", "lm_head.weight")
+
+
+def vocab_range(vocab: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """This rank's rows of a vocabulary-parallel table: equal chunks of ceil(V / tp), the last one shorter."""
+    chunk = -(-vocab // tp)
+    return min(tp_rank * chunk, vocab), min((tp_rank + 1) * chunk, vocab)
+
+
+def tp_slice(name: str, shape: tuple[int, ...], vocab: int, tp: int, tp_rank: int) -> tuple[int, int, int] | None:
+    """(dim, start, end) of this rank's part of tensor ``name``, or None when every rank holds all of it."""
+    if name.endswith(_ROWS):
+        n = shape[0] // tp
+        return 0, tp_rank * n, (tp_rank + 1) * n
+    if name.endswith(_COLS):
+        n = shape[1] // tp
+        return 1, tp_rank * n, (tp_rank + 1) * n
+    if name.endswith(_VOCAB):
+        return (0, *vocab_range(vocab, tp, tp_rank))
+    return None
+
+
+def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_rank: int,
+                    device: torch.device, dtype: torch.dtype) -> None:
+    """Give ``model`` (built on the meta device) this rank's slice of every tensor of ``names``, read slice by
+    slice from the safetensors (a rank never reads the other ranks' parts)."""
+    from safetensors import safe_open
+
+    wmap = weight_map(model_dir)
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        source = name
+        if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
+            source = "model.embed_tokens.weight"  # a tied head
+        if source not in wmap:
+            raise UserError(f"{model_dir} has no tensor '{name}': the checkpoint is of another model shape")
+        by_file.setdefault(wmap[source], []).append((name, source))
+    loaded: dict[str, torch.Tensor] = {}
+    for fname, pairs in by_file.items():
+        with safe_open(os.path.join(model_dir, fname), "pt", device="cpu") as f:
+            for name, source in pairs:
+                sl = f.get_slice(source)
+                cut = tp_slice(name, tuple(sl.get_shape()), model.args.vocab_size, tp, tp_rank)
+                if cut is None:
+                    t = sl[:]
+                elif cut[0] == 0:
+                    t = sl[cut[1]: cut[2]]
+                else:
+                    t = sl[:, cut[1]: cut[2]]
+                loaded[name] = t.to(device=device, dtype=dtype)
+    for name, t in loaded.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
+        if isinstance(module, torch.nn.Linear) and attr == "weight":
+            module.out_features, module.in_features = t.shape
+    if model.args.tie_embeddings and model.lm_head is not None and model.model.embed_tokens is not None:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise UserError(f"{model_dir}: tensor '{name}' was not loaded")
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the (unique) parameters and buffers this rank holds."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.device, dtype: torch.dtype,
-               quant: str | None = None, group_size: int = 128, rows_hint: int | None = None) -> StageWeights:
+               quant: str | None = None, group_size: int = 128, rows_hint: int | None = None, tp: int = 1,
+               tp_rank: int = 0) -> StageWeights:
     """One stage's weights, laid out for inference.
 
     Built on the meta device and materialised with only what the stage holds; only its tensors are read
@@ -80,16 +159,27 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
     """
     with torch.device("meta"):
         model = Llama(args).keep_only(stage.layers, stage.first, stage.last)
+    quantization = read_hf_config(model_dir).get("quantization_config")
+    if tp > 1:
+        if quantization:
+            raise UserError(f"{model_dir} is a quantized export, which infer.tp={tp} cannot slice yet: use infer.tp=1, "
+                            f"or the uncompressed export with infer.quant={quantization.get('method', 'int8')}")
+        load_tp_weights(model, model_dir, stage.tensor_names, tp, tp_rank, device, dtype)
+        weights = StageWeights(model).eval()
+        return _finish(weights, model_dir, quant, group_size, rows_hint, dtype, device, quantization)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
-    quantization = read_hf_config(model_dir).get("quantization_config")
     if quantization:
         from framework.compress.quantize import load_quantized
 
         load_quantized(model, model_dir, stage.tensor_names, quantization, device)
     else:
         load_hf_weights(model, model_dir, names=stage.tensor_names)
-    weights = StageWeights(model).eval()
+    return _finish(StageWeights(model).eval(), model_dir, quant, group_size, rows_hint, dtype, device, quantization)
+
+
+def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtype, device, quantization):
+    """Quantize while loading (``quant``) and lay the CPU fp32 weights out for decoding."""
     if quant:
         if quantization:
             raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")

@@ -21,11 +21,12 @@ from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.data.tokenizer import load_tokenizer
 from framework.infer.engine import Engine
-from framework.infer.loader import default_dtype, load_stage, read_model_args, resolve_model_dir, rss_mb
+from framework.infer.loader import default_dtype, load_stage, read_model_args, resolve_model_dir, rss_mb, weight_bytes
 from framework.infer.plan import format_plan, plan_stages
 from framework.infer.sampler import SamplingParams
 from framework.infer.scheduler import Request
 from framework.parallel.distributed import barrier, broadcast_object, init_distributed, pick_device
+from framework.parallel.topology import build_topology
 
 
 def as_generate_config(cfg) -> GenerateConfig:
@@ -106,50 +107,57 @@ def validate_requests(raw: list[dict], cfg: GenerateConfig, tokenizer, context: 
 
 def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_requests: int, max_len: int,
                  tokenizer, say) -> tuple[Engine, int]:
-    """Load this rank's stage, size the KV cache (every stage agrees on the slot count), and wire the parts."""
+    """Load this rank's slice of its stage, size the KV cache (every rank agrees on the slot count), and wire
+    the parts. Returns the engine and its KV slot count."""
     from framework.infer.cache import KVCache, bytes_per_slot, fit_slots, kv_budget_bytes
     from framework.infer.sampler import Sampler
     from framework.infer.scheduler import Scheduler, StepPlan
+    from framework.infer.tensor_parallel import TPGroup
     from framework.infer.transport import Transport
     from framework.infer.worker import StageWorker
 
-    stage, pp = stages[rank], inf.pp
+    pp, tp = inf.pp, inf.tp
+    stage, tp_rank = stages[rank // tp], rank % tp
     max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
     lanes = inf.micro_batches or pp
-    per_slot = bytes_per_slot(len(stage.layers), args.kv_heads, args.head_dim, max_len, dtype)
+    kv_heads = args.kv_heads // tp
+    per_slot = bytes_per_slot(len(stage.layers), kv_heads, args.head_dim, max_len, dtype)
     if device.type == "cpu":  # refused before any weight is read
         fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch, max_len)
     wanted = max(1, min(max_batch, n_requests))
     rows_hint = -(-wanted // lanes) if inf.packed_weights else None
     weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
-                         rows_hint=rows_hint)
+                         rows_hint=rows_hint, tp=tp, tp_rank=tp_rank)
     slots = min(fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch,
                           max_len), wanted)
-    if pp > 1:
-        box = [None] * pp
+    if pp * tp > 1:
+        box = [None] * (pp * tp)
         dist.all_gather_object(box, slots)
         slots = min(box)
-    cache = KVCache(stage.layers, slots, args.kv_heads, max_len, args.head_dim, dtype, device)
+    cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
     compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
-    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode)
+    tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
+    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg)
     capacity = StepPlan.capacity(slots, inf.prefill_chunk)
-    transport = Transport(rank, pp, device, capacity, args.dim, dtype) if pp > 1 else None
-    sampler = Sampler(slots, args.vocab_size, device) if stage.last else None
+    transport = Transport(rank, pp, device, capacity, args.dim, dtype, tp=tp) if pp > 1 else None
+    sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
     scheduler = None
-    if stage.first:
+    if rank == 0:
         scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_id=tokenizer.eos_token_id, tokenizer=tokenizer,
                               policy=inf.scheduler)
-    say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a stage; "
-        f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}")
-    return Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport), slots
+    ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
+    say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
+        f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
+        f"tp all-reduce {ar}")
+    engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport,
+                    tp=tpg)
+    return engine, slots
 
 
 def generate(cfg) -> dict:
     """Run the job; returns the summary (rank 0) and writes outputs. Every rank calls this."""
     cfg = as_generate_config(cfg)
     inf = cfg.infer
-    if inf.tp != 1:
-        raise UserError(f"infer.tp={inf.tp}: tensor-parallel inference is not available yet; use infer.tp=1")
     max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
     if max_batch < 1:
         raise UserError(f"infer.max_batch={max_batch}: at least one running sequence is needed (e.g. 256)")
@@ -165,19 +173,20 @@ def generate(cfg) -> dict:
         dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
     rank, world = init_distributed(device, inf.backend, inf.timeout_s)
     if world != inf.pp * inf.tp:
-        raise UserError(f"infer.pp={inf.pp} x infer.tp={inf.tp} but {world} processes were launched: use "
-                        f"torchrun --nproc_per_node={inf.pp * inf.tp}")
+        raise UserError(f"infer.pp={inf.pp} x infer.tp={inf.tp} = {inf.pp * inf.tp} processes, but {world} were "
+                        f"launched: use torchrun --nproc_per_node={inf.pp * inf.tp}")
     if export_from is not None:  # a training checkpoint: every rank writes its share of the export first
         if rank == 0:
             print(f"[miaotui] exporting {export_from} -> {model_dir}", file=sys.stderr, flush=True)
         export_step_dir(export_from, model_dir)
         args = read_model_args(model_dir)
         dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
+    build_topology(world, rank, tp=inf.tp, pp=inf.pp, n_heads=args.n_heads, n_kv_heads=args.kv_heads,
+                   ffn_dim=args.ffn_dim, key="infer.tp")
     stages = plan_stages(args, inf.pp, inf.split, torch.tensor([], dtype=dtype).element_size())
-    stage = stages[rank]
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
     say(f"[miaotui] {model_dir}: {args.num_params() / 1e6:.2f}M parameters, {args.n_layers} layers, "
-        f"pp={inf.pp}, dtype={dtype_name}, device={device.type}\n{format_plan(stages)}")
+        f"pp={inf.pp} x tp={inf.tp}, dtype={dtype_name}, device={device.type}\n{format_plan(stages)}")
 
     tokenizer = load_tokenizer(model_dir)
     # Requests are read and checked by rank 0 before any weight is loaded.
@@ -204,9 +213,13 @@ def generate(cfg) -> dict:
                              payload["max_len"], tokenizer, say)
     loaded_mb = rss_mb() - rss0
     mem = [None] * world
-    dist.all_gather_object(mem, {"stage": rank, "weights_mb": stage.bytes / 2**20, "rss_delta_mb": loaded_mb})
-    say("[miaotui] loaded in {:.2f}s; per stage: {}".format(time.perf_counter() - t_load, ", ".join(
-        f"stage {m['stage']} weights {m['weights_mb']:.1f} MiB / memory +{m['rss_delta_mb']:.1f} MiB" for m in mem)))
+    dist.all_gather_object(mem, {"rank": rank, "stage": rank // inf.tp, "tp_rank": rank % inf.tp,
+                                 "weights_mb": weight_bytes(engine.worker.w) / 2**20, "rss_delta_mb": loaded_mb})
+    model_mb = sum(s.bytes for s in stages) / 2**20
+    say("[miaotui] loaded in {:.2f}s; model {:.1f} MiB; per rank: {}".format(
+        time.perf_counter() - t_load, model_mb, ", ".join(
+            f"rank {m['rank']} (stage {m['stage']}, tp {m['tp_rank']}) weights {m['weights_mb']:.1f} MiB "
+            f"({m['weights_mb'] / model_mb:.2f} of the model) / memory +{m['rss_delta_mb']:.1f} MiB" for m in mem)))
 
     finished = []
     bar = None
@@ -265,7 +278,8 @@ def generate(cfg) -> dict:
         "decode_tokens_per_s": decode_tokens / decode_span if decode_span > 0 else None,
         "ttft_s": sum(ttfts) / len(ttfts) if ttfts else None, "tpot_s": sum(tpots) / len(tpots) if tpots else None,
         "latency_p50_s": pct(latencies, 0.5), "latency_p99_s": pct(latencies, 0.99),
-        "stage_busy_fraction": busy, "pp": inf.pp, "micro_batches": inf.micro_batches or inf.pp,
+        "stage_busy_fraction": busy, "pp": inf.pp, "tp": inf.tp, "model_mb": model_mb,
+        "micro_batches": inf.micro_batches or inf.pp,
         "steps": engine.steps, "stage_memory": mem,
     }
     if cfg.output:

@@ -27,10 +27,16 @@ from framework.infer.scheduler import STOP, StepPlan
 
 
 class Transport:
-    def __init__(self, rank: int, pp: int, device: torch.device, plan_capacity: int, dim: int, dtype: torch.dtype):
+    def __init__(self, rank: int, pp: int, device: torch.device, plan_capacity: int, dim: int, dtype: torch.dtype,
+                 tp: int = 1):
         self.rank, self.pp, self.device, self.dim, self.dtype = rank, pp, device, dim, dtype
-        self.prev = rank - 1 if rank > 0 else None
-        self.next = rank + 1 if rank < pp - 1 else None
+        # with tensor parallelism, tp rank r of a stage talks to tp rank r of the next (hidden states are
+        # replicated across a stage's tp ranks after its all-reduce); sampled ids go from the last stage's tp
+        # rank 0 to rank 0, which schedules
+        stage = rank // tp
+        self.prev = rank - tp if stage > 0 else None
+        self.next = rank + tp if stage < pp - 1 else None
+        self.last_leader = (pp - 1) * tp
         self.capacity = plan_capacity
         # every rank creates the groups, in the same order
         self.ctrl = dist.new_group(backend="gloo")
@@ -45,17 +51,19 @@ class Transport:
         buf = torch.empty(self.capacity, dtype=torch.int64)
         self._plan = (buf, dist.irecv(buf, self.prev, group=self.ctrl))
 
-    def recv_step(self) -> tuple[StepPlan, torch.Tensor, torch.Tensor | None]:
-        """(plan, its wire buffer, hidden states (N, D) or None at STOP); the next plan's receive is posted."""
+    def recv_plan(self) -> tuple[StepPlan, torch.Tensor]:
+        """(plan, its wire buffer); the next plan's receive is posted unless this one is the STOP."""
         buf, work = self._plan
         work.wait()
         plan = StepPlan.decode(buf)
-        if plan.flag == STOP:
-            return plan, buf, None
-        self.post_plan()  # the next plan may arrive while this stage computes
+        if plan.flag != STOP:
+            self.post_plan()  # the next plan may arrive while this stage computes
+        return plan, buf
+
+    def recv_hidden(self, plan: StepPlan) -> torch.Tensor:
         hidden = torch.empty(plan.n_tokens, self.dim, dtype=self.dtype, device=self.device)
         dist.irecv(hidden, self.prev, group=self.fwd).wait()
-        return plan, buf, hidden
+        return hidden
 
     # -- stages 0..pp-2: to the next stage ---------------------------------------------------------------
     def send_step(self, plan_buf: torch.Tensor, hidden: torch.Tensor | None) -> None:
@@ -73,7 +81,7 @@ class Transport:
     def post_tokens(self, n: int) -> None:
         """Stage 0, when it sends a step: the receive for that step's n sampled ids (they come back in order)."""
         buf = torch.empty(n + 1, dtype=torch.long, device=self.device)
-        self._tokens.append((buf, dist.irecv(buf, self.pp - 1, group=self.ret)))
+        self._tokens.append((buf, dist.irecv(buf, self.last_leader, group=self.ret)))
 
     def take_tokens(self) -> list[int]:
         buf, work = self._tokens.pop(0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.infer.cache import KVCache
+from framework.infer.tensor_parallel import TPGroup
 from framework.models.llama import Llama, rope_inv_freq
 
 
@@ -149,8 +150,9 @@ class StageWorker:
     """Runs one stage's layers for a step; the last stage also returns the logits of the rows that sample."""
 
     def __init__(self, weights: StageWeights, cache: KVCache, device: torch.device, dtype: torch.dtype,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, tp: TPGroup | None = None):
         self.w, self.cache, self.device, self.dtype = weights, cache, device, dtype
+        self.tp = tp or TPGroup(1, 1, 0, device, dtype, weights.args.vocab_size)
         self.first, self.last = weights.first, weights.last
         self.busy_s = 0.0
         self.cuda = device.type == "cuda"
@@ -196,18 +198,21 @@ class StageWorker:
                 parts.append(prefill_attention(q[off: off + length], kc, vc, slot, start))
                 off += length
             a = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + layer.o(a)
+            x = x + self.tp.all_reduce(layer.o(a))  # row-parallel: each tp rank holds a part of the sum
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + self.tp.all_reduce(layer.down(F.silu(gate) * up))
         return x
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tp.embed(self.w.embed.weight, ids)
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w.lm_head(self.w.norm(x))
+        return self.tp.gather_vocab(self.w.lm_head(self.w.norm(x)))
 
     def _decode_step(self, x, slots, positions, window: int, masked: bool, slot: int | None = None):
         """Decode-only step (the compiled one, with ``slot`` None): one token per row."""
         if self.first:
-            x = self.w.embed(x)
+            x = self._embed(x)
         x = self._layers(x, positions, slots, (slots, positions, window, masked, slot), [])
         return self._head(x) if self.last else x
 
@@ -229,7 +234,7 @@ class StageWorker:
             if n_dec:
                 win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
                 dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1)
-            h = self.w.embed(x) if self.first else x
+            h = self._embed(x) if self.first else x
             h = self._layers(h, positions, tok_slots, dec, plan.segs)
             if self.last:
                 h = self._head(h.index_select(0, torch.tensor(plan.sample_rows(), dtype=torch.long, device=dev)))

@@ -43,8 +43,10 @@ class Topology:
 
 
 def build_topology(world_size: int, rank: int, tp: int = 1, pp: int = 1, n_heads: int | None = None,
-                   n_kv_heads: int | None = None, ffn_dim: int | None = None, n_layers: int | None = None) -> Topology:
-    """Validate the layout against the world and the model; raise UserError naming the fix."""
+                   n_kv_heads: int | None = None, ffn_dim: int | None = None, n_layers: int | None = None,
+                   key: str = "parallel.tp") -> Topology:
+    """Validate the layout against the world and the model; raise UserError naming the fix (``key`` names the
+    tp setting in the messages: parallel.tp for training, infer.tp for inference)."""
     if tp < 1 or pp < 1:
         raise UserError(f"parallel sizes must be >= 1 (got tp={tp}, pp={pp})")
     if world_size % (tp * pp) != 0:
@@ -53,13 +55,13 @@ def build_topology(world_size: int, rank: int, tp: int = 1, pp: int = 1, n_heads
             f"processes or change parallel.tp"
         )
     if n_heads is not None and n_heads % tp != 0:
-        raise UserError(f"parallel.tp={tp} does not divide the {n_heads} attention heads: pick a divisor of {n_heads}")
+        raise UserError(f"{key}={tp} does not divide the {n_heads} attention heads: pick a divisor of {n_heads}")
     if n_kv_heads is not None and n_kv_heads % tp != 0:
         raise UserError(
-            f"parallel.tp={tp} does not divide the {n_kv_heads} key-value heads: pick a divisor of {n_kv_heads}"
+            f"{key}={tp} does not divide the {n_kv_heads} key-value heads: pick a divisor of {n_kv_heads}"
         )
     if ffn_dim is not None and ffn_dim % tp != 0:
-        raise UserError(f"parallel.tp={tp} does not divide the MLP size {ffn_dim}: pick a divisor of {ffn_dim}")
+        raise UserError(f"{key}={tp} does not divide the MLP size {ffn_dim}: pick a divisor of {ffn_dim}")
     if n_layers is not None and pp > n_layers:
         raise UserError(f"pp={pp} stages is more than the model's {n_layers} layers: use infer.pp <= {n_layers}")
     return Topology(world_size=world_size, tp=tp, pp=pp, rank=rank)
