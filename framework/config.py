@@ -326,6 +326,41 @@ class EvalConfig:
     """Where the tokenized blocks are kept between runs (default: a temporary directory)."""
 
 
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible HTTP server on rank 0 (framework/infer/server/)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 0.0.0.0 exposes the server beyond this machine (then set an API key)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (printed at start)."""
+    api_key: str | None = None
+    """Bearer token required on /v1/*; None reads MIAOTUI_API_KEY, and no key at all leaves the API open."""
+    model_name: str | None = None
+    """The model id of /v1/models and the "model" field requests must name; None: the model directory's name."""
+    max_queue: int = 256
+    """Requests waiting for a slot beyond the running ones; more get 429 with Retry-After."""
+    max_n: int = 8
+    """Largest "n" (choices per request) served; more is a 400."""
+    default_max_tokens: int | None = None
+    """max_tokens when a request gives none; None: infer.max_new_tokens, capped by the room left in the context."""
+    chat_template: str | None = None
+    """A Jinja chat template (file path or text) overriding the tokenizer's; None: the tokenizer's, else the default
+    documented in framework/infer/server/protocol.py."""
+    log_requests: bool = False
+    """One log line per HTTP request (uvicorn's access log)."""
+    dead_grace_s: float = 2.0
+    """After a rank dies: seconds during which the server still answers 503 before it exits non-zero."""
+
+
+@dataclass
+class ServeRootConfig:
+    model_dir: str | None = None
+    """An export directory, a run directory, or a training checkpoint."""
+    infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="compress_schema", node=CompressConfig)
@@ -333,6 +368,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="serve_schema", node=ServeRootConfig)
 
 
 register_configs()
