@@ -361,8 +361,36 @@ class ServeRootConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
+@dataclass
+class ClusterConfig:
+    """The machines a plan is for (python -m framework.plan)."""
+
+    gpus: int | None = None
+    """Devices in the job; None: parallel.tp for training, infer.pp x infer.tp for inference."""
+    gpu: str = "h100"
+    """The device: h100, h100-96gb, h200, a100, a100-40gb, l40s, mi300x (framework/plan/devices.py)."""
+    gpus_per_node: int = 8
+    """Devices a node joins with its fast links; data parallelism beyond a node crosses the network."""
+
+
+@dataclass
+class PlanConfig:
+    """``python -m framework.plan``: memory per device and a roofline time of a training or inference layout."""
+
+    mode: str = "auto"
+    """train, infer, or auto (infer when an infer.* key is on the command line)."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    out: str | None = None
+    """Also write the plan as JSON here."""
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="plan_schema", node=PlanConfig)
     cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)

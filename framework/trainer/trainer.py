@@ -33,7 +33,7 @@ from framework.parallel.parallelize import accumulation_steps, parallelize, quie
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
-from framework.trainer.metrics import device_peak_tflops, peak_memory_gb, warmup_cosine
+from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, warmup_cosine
 
 __all__ = ["PRECISION_DTYPES", "model_shape", "train", "validate", "resolve_model_args", "export_engine"]
 
@@ -107,6 +107,24 @@ def check_init_tokenizer(cfg: TrainConfig) -> None:
         raise UserError(f"data.tokenizer={cfg.data.tokenizer} has {n} tokens but the embedding of trainer.init_from="
                         f"{cfg.trainer.init_from} has {rows} rows: use the model's own tokenizer (leave data.tokenizer "
                         "unset)")
+
+
+def check_fits(cfg: TrainConfig, world: int, device: torch.device) -> None:
+    """On a GPU, the planner's peak memory per device against the device's: a layout that cannot fit stops here,
+    in one line, rather than after minutes of building. (Unknown until the tokenizer exists: the vocabulary.)"""
+    from framework.plan import Device, plan_training, train_layout
+
+    if cfg.model.vocab_size is None:
+        return
+    props = torch.cuda.get_device_properties(device)
+    dev = Device(props.name, props.total_memory / 2**30, 989.0, 3.35, 450.0, 50.0, 0.75, 0.4)
+    plan = plan_training(cfg.model, train_layout(cfg, world), dev)
+    if not plan.fits:
+        raise UserError(f"{cfg.model.name} at {world} processes (tp={cfg.parallel.tp}, ZeRO {cfg.parallel.zero_stage}, "
+                        f"micro-batch {cfg.trainer.micro_batch_size} x {cfg.trainer.seq_len}) needs about "
+                        f"{plan.total / 2**30:.1f} GiB per GPU of {dev.memory_gib:.1f} (python -m framework.plan shows "
+                        "the parts): turn on parallel.activation_checkpointing, raise parallel.zero_stage or "
+                        "parallel.tp, or lower trainer.micro_batch_size")
 
 
 def write_run_config(cfg: TrainConfig, run_dir: str, topo: Topology) -> None:
@@ -206,6 +224,8 @@ def start(cfg: TrainConfig) -> Job:
         torch.backends.cudnn.allow_tf32 = True
     rank, world = init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
     topo = validate(cfg, world, rank)
+    if device.type == "cuda":
+        check_fits(cfg, world, device)
     return Job(cfg, device, topo, world, CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, topo.is_rank0))
 
 
@@ -242,6 +262,8 @@ def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
 def build_engine(job: Job, args: ModelArgs):
     """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism."""
     cfg, t = job.cfg, job.cfg.trainer
+    # what the process held before the model: peak_mem_gb minus this is the model's, the planner's subject
+    job.timings["base_mem_gb"] = current_memory_gb(job.device)
     model = build_model(args, device=job.device, seed=cfg.seed)
     if job.state is not None and not job.same_layout:
         load_universal_weights(model, job.resume_from)
