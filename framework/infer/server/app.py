@@ -1,0 +1,224 @@
+"""The HTTP routes (FastAPI): OpenAI's completions and chat completions, models, health, metrics, the playground.
+
+A generation request is checked (protocol.py), tokenized, length-checked against the KV slot length and handed
+to the engine through the bridge, one engine request per choice. ``stream=true`` answers server-sent events,
+one ``data:`` line per text delta (coalesced when several are ready), ending with ``data: [DONE]``; otherwise
+the answer comes when every choice has finished. A client that disconnects cancels its choices (their KV slots
+are freed at the next step of their lane); every error is OpenAI-shaped JSON with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from framework.infer.sampler import SamplingParams
+from framework.infer.server import protocol as P
+from framework.infer.server.bridge import EngineBridge, Event, Handle
+from framework.infer.server.metrics import ServerMetrics, StatusCounter
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+@dataclass
+class ServedModel:
+    """What the routes need to know about the model and the server's policy."""
+
+    name: str
+    tokenizer: object
+    max_len: int  # KV slot length: prompt + new tokens
+    vocab: int
+    default_max_tokens: int
+    max_n: int
+    defaults: P.Defaults
+    chat_template: str | None = None
+    api_key: str | None = None
+    created: int = 0
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _read_json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise P.APIError(400, f"malformed JSON body: {exc}") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
+    """The ASGI application (FastAPI wrapped in the status-counting middleware)."""
+
+    app = FastAPI(title="Miaotui", docs_url=None, redoc_url=None, openapi_url=None)
+    with open(os.path.join(STATIC, "playground.html"), encoding="utf-8") as f:
+        page = f.read()
+
+    @app.exception_handler(P.APIError)
+    async def api_error(_request, exc: P.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse(P.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    def authorize(request: Request) -> None:
+        if not model.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {model.api_key}".encode()):
+            raise P.APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        status = "dead" if bridge.dead else "draining" if bridge.draining else "ok"
+        body = {"status": status, "model": model.name, "auth": bool(model.api_key), "pid": os.getpid()}
+        if bridge.dead:
+            body["reason"] = bridge.dead
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        data, kind = metrics.exposition()
+        return Response(data, media_type=kind)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": model.created,
+                                            "owned_by": "miaotui", "max_model_len": model.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    def encode(spec: P.ParsedRequest) -> list[list[int]]:
+        tok = model.tokenizer
+        if spec.chat:
+            texts = [P.render_chat(tok, spec.messages, model.chat_template)]
+        else:
+            texts = spec.prompts
+        out = []
+        for p in texts:
+            ids = p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
+            where = "messages" if spec.chat else "prompt"
+            if not ids:
+                raise P.APIError(400, "the prompt is empty (no tokens)", where)
+            bad = [t for t in ids if not 0 <= t < model.vocab]
+            if bad:
+                raise P.APIError(400, f"token id {bad[0]} is outside the vocabulary of {model.vocab}", where)
+            if len(ids) >= model.max_len:
+                raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {model.max_len} "
+                                      f"(prompt and new tokens together): shorten the prompt", where)
+            if spec.max_tokens is not None and len(ids) + spec.max_tokens > model.max_len:
+                raise P.APIError(400, f"the prompt has {len(ids)} tokens and max_tokens={spec.max_tokens}: together "
+                                      f"more than the context of {model.max_len} tokens: shorten the prompt or "
+                                      f"lower max_tokens", "max_tokens")
+            out.append(list(ids))
+        return out
+
+    async def generate(request: Request, chat: bool):
+        arrival = time.perf_counter()
+        authorize(request)
+        spec = P.parse_request(await _read_json(request), chat, model.max_n, model.defaults)
+        if spec.model is not None and spec.model != model.name:
+            raise P.APIError(404, f"model '{spec.model}' is not served here: this server serves '{model.name}'",
+                             "model")
+        prompts = encode(spec)
+        seeds = spec.seeds()
+        ids, params = [], []
+        for p in prompts:
+            for seed in seeds:
+                max_new = spec.max_tokens or min(model.default_max_tokens, model.max_len - len(p))
+                ids.append(p)
+                params.append(SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                                             repetition_penalty=spec.repetition_penalty, max_new_tokens=max_new,
+                                             seed=seed, stop=spec.stop, ignore_eos=spec.ignore_eos))
+        handle = bridge.submit(ids, params, spec.stream, arrival)
+        rid, created = P.new_id(chat), P.now()
+        prompt_tokens = sum(len(p) for p in prompts)
+        if spec.stream:
+            return StreamingResponse(stream(handle, spec, rid, created, prompt_tokens), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        waiter = asyncio.ensure_future(collect(handle))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not waiter.done():
+                waiter.cancel()
+                bridge.cancel(handle)
+        if not waiter.done() or waiter.cancelled():
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        results = waiter.result()
+        choices = [(results[i].text, results[i].finish_reason) for i in range(len(handle.jobs))]
+        completion = sum(results[i].n_tokens for i in range(len(handle.jobs)))
+        return P.response(rid, chat, model.name, created, choices, P.usage(prompt_tokens, completion))
+
+    async def collect(handle: Handle) -> dict[int, Event]:
+        results = {}
+        while len(results) < len(handle.jobs):
+            ev = await handle.out.get()
+            if ev.error is not None:
+                raise ev.error
+            if ev.finish_reason is not None:
+                results[ev.choice] = ev
+        return results
+
+    async def stream(handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int):
+        chat, name = spec.chat, model.name
+        left, completion = len(handle.jobs), 0
+        try:
+            if chat:
+                yield "".join(_sse(P.chunk(rid, True, name, created, j.choice, None, None, role=True))
+                              for j in handle.jobs)
+            while left:
+                batch = [await handle.out.get()]
+                while not handle.out.empty():
+                    batch.append(handle.out.get_nowait())
+                parts = []
+                for ev in batch:
+                    if ev.error is not None:
+                        parts.append(_sse(ev.error.body()))
+                        yield "".join(parts)
+                        return
+                    if ev.finish_reason is not None:
+                        left -= 1
+                        completion += ev.n_tokens
+                    if ev.text or ev.finish_reason is not None:
+                        parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice, ev.text, ev.finish_reason)))
+                if parts:
+                    yield "".join(parts)
+            if spec.include_usage:
+                yield _sse(P.usage_chunk(rid, chat, name, created, P.usage(prompt_tokens, completion)))
+            yield "data: [DONE]\n\n"
+        finally:
+            bridge.cancel(handle)  # a no-op for the choices that finished
+
+    return StatusCounter(app, metrics)
