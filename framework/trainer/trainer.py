@@ -238,6 +238,13 @@ def check_resume(job: Job) -> None:
         return
     vocab = cfg.model.vocab_size or cached_vocab_size(cfg.data, cfg.trainer.seq_len, cfg.seed, cfg.run_dir)
     job.state = job.ckpt.inspect(job.resume_from, model_shape(resolve_model_args(cfg, vocab)))
+    saved = job.state.get("layout") or {}
+    if not job.same_layout and job.state.get("precision") == "fp16" and saved.get("zero_stage") == 0:
+        # DeepSpeed's fp16 optimizer at ZeRO 0 keeps the fp32 masters and moments in flat buffers of its own: the
+        # per-parameter state holds the fp16 weights and no moments, not enough to continue on another layout
+        raise UserError(f"checkpoint {job.resume_from} was saved with fp16 at ZeRO 0, whose optimizer state only "
+                        f"resumes at its own layout (dp={saved.get('dp')}, tp={saved.get('tp')}, "
+                        "parallel.zero_stage=0): resume it there, or train fp16 at ZeRO >= 1 to change layouts")
 
 
 def prepare(job: Job) -> tuple[TokenData, ModelArgs]:

@@ -137,3 +137,25 @@ def test_damaged_or_foreign_checkpoint_is_refused(uninterrupted, tmp_path, damag
     # nothing touched: config.yaml, data/, the tokenizer, the checkpoints, latest and the export are as they were
     assert tree_digest(run) == before
     assert json.loads((run / "summary.json").read_text())["step"] == STEPS
+
+
+def test_fp16_zero0_checkpoint_refuses_a_layout_change(uninterrupted, tmp_path):
+    """fp16 at ZeRO 0 keeps its fp32 masters and moments where the per-parameter state cannot see them: a layout
+    change is refused in one line, before anything is written. (fp16 needs CUDA: the state is relabelled here.)"""
+    from framework.checkpoint.manifest import hash_files, write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    step = run / "checkpoints" / "step-000010"
+    state = json.loads((step / "trainer_state.json").read_text())
+    state.update(precision="fp16", layout={**state["layout"], "zero_stage": 0})
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((step / "manifest.json").read_text())
+    files = {**manifest["files"], **hash_files(str(step), ["trainer_state.json"])}
+    write_manifest(str(step), {"step": manifest["step"]}, files)
+    before = tree_digest(run)
+    proc = run_module("framework.train", [*BASE, f"run_dir={run}", "trainer.max_steps=12", "parallel.zero_stage=1"])
+    lines = error_lines(proc)
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert "saved with fp16 at ZeRO 0" in lines[0] and "parallel.zero_stage=0" in lines[0]
+    assert tree_digest(run) == before
