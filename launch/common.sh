@@ -1,10 +1,10 @@
 # Sourced by launch/*.sh: the entry point to run (first argument), the interpreter, the environment, NPROC.
-# Sets REPO, WHAT (train|generate|export, shifted off by the caller), PYTHON, NPROC.
+# Sets REPO, WHAT (train|generate|export|serve, shifted off by the caller), PYTHON, NPROC.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHAT="${1:-}"
 case "$WHAT" in
-  train|generate|export) ;;
-  *) echo "error: usage: $0 train|generate|export [overrides...]" >&2; exit 2 ;;
+  train|generate|export|serve) ;;
+  *) echo "error: usage: $0 train|generate|export|serve [overrides...]" >&2; exit 2 ;;
 esac
 # The interpreter: $PYTHON if set; else the active one (a venv, conda or system install) when it imports the
 # framework and its launchers; else this checkout's .venv.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Start training, pipeline inference or an export with torchrun, on one node or on several.
+# Start training, pipeline inference, the server or an export with torchrun, on one node or on several.
 #
 #   launch/torchrun.sh train experiment=cpu_default                      # one node, NPROC processes
 #   launch/torchrun.sh generate model_dir=runs/x infer.pp=2 prompt="'def f(x):'"
+#   launch/torchrun.sh serve model_dir=runs/x infer.pp=2 serve.port=8000     # OpenAI-compatible HTTP on rank 0
 #   # two nodes, the same command on each (node 0's address is the rendezvous endpoint):
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train parallel.tp=2     # on 10.0.0.1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train parallel.tp=2     # on the other node
