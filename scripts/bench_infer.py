@@ -8,6 +8,8 @@
 (d) continuous batching against static batching (the same max_batch, a group runs until its last row is done):
     256 requests whose output lengths vary (geometric, mean 48, at most 256), tokens/s and p50/p99 latency,
     at pp=1 and pp=2;
+(f) tensor parallelism: batch-1 and batch-8 decode, tp=2 against tp=1 (and tp=2 with gloo's all-reduce instead of
+    DeepSpeed's shared-memory one); pp=2 against tp=2 at batch 128, which to pick when;
 (e) close to the limit: batch-1 decode, tokens/s times the bytes a token reads (weights and KV), as a share of
     the read bandwidth measured in the same run, eager and compiled (CPU: fp32; GPU: the 1B flavor in bf16,
     beside transformers generate() with a static cache and torch.compile).
@@ -65,15 +67,16 @@ def make_model(path: str, flavor: str) -> None:
     tok.save_pretrained(path)
 
 
-def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=()) -> dict:
-    """One framework.generate job; batch/micro None leave the defaults. Returns its summary."""
-    summary = os.path.join(os.path.dirname(prompts_file), f"s-{pp}-{batch}-{micro}.json")
+def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=(), tp=1) -> dict:
+    """One framework.generate job (pp x tp processes); batch/micro None leave the defaults. Returns its summary."""
+    summary = os.path.join(os.path.dirname(prompts_file), f"s-{pp}-{tp}-{batch}-{micro}.json")
     knobs = ([f"infer.max_batch={batch}"] if batch else []) + ([f"infer.micro_batches={micro}"] if micro else [])
-    args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}", *knobs,
+    args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}",
+            f"infer.tp={tp}", *knobs,
             f"infer.max_new_tokens={new}", "infer.ignore_eos=true", f"infer.dtype={dtype}", f"infer.device={device}",
             f"infer.summary={summary}", "infer.progress=false", *extra]
-    launcher = [sys.executable, "-m"] if pp == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
-                                                      "--standalone", f"--nproc_per_node={pp}", "-m"]
+    launcher = [sys.executable, "-m"] if pp * tp == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                                           "--standalone", f"--nproc_per_node={pp * tp}", "-m"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([*launcher, "framework.generate", *args], env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -173,7 +176,7 @@ def med(xs):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--flavor", default="cpu", choices=["cpu", "1b"])
-    ap.add_argument("--only", default=None, choices=["a", "b", "c", "d", "e"], help="run one part")
+    ap.add_argument("--only", default=None, choices=["a", "b", "c", "d", "e", "f"], help="run one part")
     ap.add_argument("--shapes", default="small,30m", help="CPU: the model shapes of (a); (b)-(e) use the last")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--requests", type=int, default=256, help="(b): requests, all decoded as one batch")
@@ -277,6 +280,25 @@ def main() -> None:
         if results["hf"]:
             tps = med(results["hf"])
             rows.append(("    transformers, static cache + compile", f"{tps:.1f}", "", f"{tps * per_token / (bw * 1e9):.0%}"))
+    if cpu and want("f"):  # tensor parallelism: one request faster; and pp against tp for throughput
+        for batch in (1, 8):
+            sub = write_prompts(os.path.join(tmp, f"f{batch}.jsonl"), prompts[:batch])
+            one, two, gloo = [], [], []
+            for _ in range(a.repeats):
+                one.append(run_ours(path, 1, batch, a.new, None, dtype, device, sub)["decode_tokens_per_s"])
+                two.append(run_ours(path, 1, batch, a.new, None, dtype, device, sub, tp=2)["decode_tokens_per_s"])
+                gloo.append(run_ours(path, 1, batch, a.new, None, dtype, device, sub, ["infer.allreduce=backend"],
+                                     tp=2)["decode_tokens_per_s"])
+            rows.append((f"(f) tp=2 decode, batch {batch}", f"{med(two):.1f}", f"tp=1: {med(one):.1f}",
+                         ratio_cell(two, one)))
+            rows.append(("    tp=2 with gloo's all-reduce", f"{med(gloo):.1f}", f"tp=1: {med(one):.1f}",
+                         ratio_cell(gloo, one)))
+        sub = write_prompts(os.path.join(tmp, "f128.jsonl"), prompts[:128])
+        pp2, tp2 = [], []
+        for _ in range(a.repeats):
+            pp2.append(run_ours(path, 2, None, 48, None, dtype, device, sub)["tokens_per_s"])
+            tp2.append(run_ours(path, 1, None, 48, None, dtype, device, sub, tp=2)["tokens_per_s"])
+        rows.append(("(f) batch 128 x 48: pp=2", f"{med(pp2):.1f}", f"tp=2: {med(tp2):.1f}", ratio_cell(pp2, tp2)))
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread/process"
     print(f"\nbench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}")
     print(f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<42} |")
