@@ -125,14 +125,17 @@ def is_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 @torch.no_grad()
 def apply_semi_structured(model: nn.Module) -> int:
-    """CUDA only: turn every 2:4-sparse linear weight (fp16/bf16) into PyTorch's semi-structured sparse tensor,
-    so ``F.linear`` runs the sparse kernels (cuSPARSELt or CUTLASS). PyTorch's rules: a CUDA device of compute
-    capability 8.0 or more, fp16/bf16 (or int8) weights, both dimensions multiples of 64 (checked here; other
-    layers stay dense). Returns how many were converted."""
+    """CUDA only: turn every 2:4-sparse linear weight (fp16/bf16) under ``model`` into PyTorch's semi-structured
+    sparse tensor, so ``F.linear`` runs the sparse kernels (cuSPARSELt or CUTLASS). Works on the model or on the
+    engine's fused stage weights (a q|k|v concatenation of 2:4 rows is 2:4). PyTorch's rules: compute capability
+    8.0 or more, fp16/bf16 (or int8) weights, both dimensions multiples of 64; other layers, the head and shared
+    weights stay dense. Returns how many were converted."""
     from torch.sparse import to_sparse_semi_structured
 
     n = 0
-    for _, lin in prunable_linears(model):
+    for name, lin in list(model.named_modules()):
+        if type(lin) is not nn.Linear or name.split(".")[-1] == "lm_head":
+            continue
         w = lin.weight
         if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
             continue
