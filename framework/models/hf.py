@@ -126,6 +126,28 @@ def weight_map(model_dir: str) -> dict[str, str]:
     raise UserError(f"no safetensors weights in {model_dir} (model.safetensors or an index): export the model first")
 
 
+def hf_tensor_reader(model_dir: str):
+    """``get(name)``: one tensor of a HF safetensors directory, memory-mapped (a tied model's missing
+    ``lm_head.weight`` is the embedding)."""
+    from safetensors import safe_open
+
+    wmap = weight_map(model_dir)
+    files: dict[str, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        source = name
+        if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
+            source = "model.embed_tokens.weight"
+        if source not in wmap:
+            raise UserError(f"{model_dir} has no tensor '{name}': the checkpoint is of another model shape")
+        fname = wmap[source]
+        if fname not in files:
+            files[fname] = safe_open(os.path.join(model_dir, fname), "pt", device="cpu")
+        return files[fname].get_tensor(source)
+
+    return get
+
+
 def load_hf_weights(model: torch.nn.Module, model_dir: str, names: list[str] | None = None) -> None:
     """Copy tensors from ``model_dir`` into ``model`` by name, memory-mapped, reading only ``names``.
 

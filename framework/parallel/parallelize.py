@@ -80,8 +80,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # a ZeRO-3 partitioned parameter is empty
+        (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_deepspeed_comm(topo: Topology) -> None:
+    """DeepSpeed's comm layer wraps the process group we already initialised (it prints from every rank when it
+    builds its CPU shared-memory op: rank 0 speaks)."""
+    import deepspeed
+
+    with contextlib.redirect_stdout(sys.stdout if topo.is_rank0 else io.StringIO()):
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: TrainerConfig, topo: Topology,
@@ -90,10 +100,7 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     import deepspeed
     from deepspeed.utils import groups
 
-    # DeepSpeed's comm layer wraps the process group we already initialised (it prints from every rank when it
-    # builds its CPU shared-memory op: rank 0 speaks).
-    with contextlib.redirect_stdout(sys.stdout if topo.is_rank0 else io.StringIO()):
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    init_deepspeed_comm(topo)
     # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
     #    AutoTP then shards the matched parameters inside deepspeed.initialize.
     if topo.tp > 1:

@@ -20,16 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from framework.checkpoint.export import PRECISION_DTYPES, export_from_module
 from framework.checkpoint.faults import maybe_fail
 from framework.checkpoint.manager import CheckpointManager, model_shape
-from framework.checkpoint.universal import load_universal_optimizer, load_universal_weights
+from framework.checkpoint.universal import UniversalReader, load_universal_optimizer, load_universal_weights
 from framework.cli import UserError
 from framework.config import TrainConfig, TrainerConfig
 from framework.data.dataset import TokenData, cached_vocab_size, prepare_data
 from framework.data.loader import ShardedLoader
 from framework.data.sources import validate_data_config
-from framework.models.hf import from_hf_config, has_tokenizer, load_hf_weights, read_hf_config
+from framework.models.hf import from_hf_config, has_tokenizer, hf_tensor_reader, load_hf_weights, read_hf_config
 from framework.models.llama import ModelArgs, build_model
 from framework.parallel.distributed import barrier, init_distributed, pick_device
-from framework.parallel.parallelize import accumulation_steps, parallelize, quiet_deepspeed
+from framework.parallel.materialize import build_partitioned, builds_partitioned
+from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
@@ -267,16 +268,28 @@ def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
 
 
 def build_engine(job: Job, args: ModelArgs):
-    """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism."""
+    """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism. Under ZeRO 3
+    (tp 1) each rank builds and fills only its partitions (parallel/materialize.py); otherwise the whole model is
+    built on every rank and DeepSpeed shards it."""
     cfg, t = job.cfg, job.cfg.trainer
     # what the process held before the model: peak_mem_gb minus this is the model's, the planner's subject
     job.timings["base_mem_gb"] = current_memory_gb(job.device)
-    model = build_model(args, device=job.device, seed=cfg.seed)
+    weights, source = None, None
     if job.state is not None and not job.same_layout:
-        load_universal_weights(model, job.resume_from)
+        weights, source = UniversalReader(job.resume_from).get, None
     elif t.init_from:
-        load_hf_weights(model, t.init_from)
-        job.log(f"[miaotui] initialised from {t.init_from}")
+        weights, source = hf_tensor_reader(t.init_from), t.init_from
+    if builds_partitioned(cfg.parallel, job.topo):
+        model = build_partitioned(args, build_deepspeed_config(cfg.parallel, t, job.topo), job.topo, cfg.seed,
+                                  weights)
+    else:
+        model = build_model(args, device=job.device, seed=cfg.seed)
+        if weights is not None and source is None:
+            load_universal_weights(model, job.resume_from)
+        elif weights is not None:
+            load_hf_weights(model, source)
+    if source:
+        job.log(f"[miaotui] initialised from {source}")
     return parallelize(model, cfg.parallel, t, job.topo,
                        lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 

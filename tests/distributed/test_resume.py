@@ -89,10 +89,10 @@ def run_segments(run_dir, segments):
 
 
 @pytest.mark.parametrize("segments", [
-    [(2, ["parallel.tp=2"], 6), (2, ["parallel.tp=1"], 12)],
+    [(2, ["parallel.tp=2"], 6), (2, ["parallel.tp=1", "parallel.zero_stage=3"], 12)],
     [(2, ["parallel.zero_stage=1"], 4), (2, ["parallel.tp=2", "parallel.zero_stage=2"], 8),
      (4, ["parallel.tp=2", "parallel.zero_stage=3"], 12)],
-], ids=["dp1tp2-dp2tp1", "dp2z1-tp2z2-dp2tp2z3"])
+], ids=["dp1tp2-dp2z3", "dp2z1-tp2z2-dp2tp2z3"])
 def test_resume_on_another_layout(reference, tmp_path, segments):
     got = run_segments(tmp_path, segments)
     assert sorted(got) == sorted(reference)
