@@ -6,7 +6,7 @@ metrics, all-reduced loss, grad norm) on the same config, and reports tokens/s a
 column is how much slower our trainer is.
 
     python scripts/bench_train.py                              # CPU: the small flavor, fp32
-    python scripts/bench_train.py --model 1b --precision bf16 --seq 2048 --micro 4 --dp 1   # on a GPU
+    python scripts/bench_train.py --model 1b --precision bf16 --seq 2048 --micro 4 --dp 1 [--ac]   # on a GPU
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def overrides(a, run_dir: str, dp: int) -> list[str]:
             f"trainer.max_steps={a.steps}", f"trainer.log_every={a.steps}", "trainer.eval_every=0",
             "logger.progress=false", "checkpoint.export=false", "checkpoint.save_final=false",
             "checkpoint.resume=none", f"run_dir={run_dir}", "data.synthetic.num_examples=20000",
+            f"parallel.zero_stage={a.zero}", f"parallel.activation_checkpointing={str(a.ac).lower()}",
             *(["model.vocab_size=128256"] if a.model == "1b" else [])]
 
 
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--dp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--zero", type=int, default=1, help="ZeRO stage")
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--json", help="also write the rows here (scripts/gpu_check.sh reads them)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--run-dir")
     ap.add_argument("--out")
@@ -110,10 +114,10 @@ def main() -> None:
     for dp in a.dp:
         tmp = tempfile.mkdtemp(prefix="bench_train_")
         out = os.path.join(tmp, "result.json")
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={dp}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
                os.path.abspath(__file__), "--worker", "--run-dir", os.path.join(tmp, "run"), "--out", out,
                "--model", a.model, "--precision", a.precision, "--seq", str(a.seq), "--micro", str(a.micro),
-               "--accum", str(a.accum), "--steps", str(a.steps)]
+               "--accum", str(a.accum), "--steps", str(a.steps), "--zero", str(a.zero), *(["--ac"] if a.ac else [])]
         env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -121,8 +125,12 @@ def main() -> None:
             sys.exit(proc.stderr[-4000:])
         with open(out) as f:
             rows.append(json.load(f))
-    print(f"\nbench_train: model={a.model} precision={a.precision} seq={a.seq} micro={a.micro} accum={a.accum} "
-          f"steps={a.steps} device={rows[0]['device']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{**r, "model": a.model, "precision": a.precision, "zero": a.zero, "ac": a.ac, "seq": a.seq,
+                        "micro": a.micro, "accum": a.accum} for r in rows], f)
+    print(f"\nbench_train: model={a.model} precision={a.precision} zero={a.zero} activation_checkpointing={a.ac} "
+          f"seq={a.seq} micro={a.micro} accum={a.accum} steps={a.steps} device={rows[0]['device']}")
     print("| dp | plain loop tok/s | ours tok/s | overhead | plain MFU | ours MFU |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
