@@ -107,6 +107,25 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- modules ---------------------------------------------------------------------------------------------------
+_CUDA_INT8_KERNEL: bool | None = None
+
+
+def cuda_int8_kernel() -> bool:
+    """Whether this torch has a CUDA kernel for ``aten._weight_int8pack_mm`` (added in 2025: pytorch#159325);
+    probed once, outside any compiled region. Without it, Int8Linear uses gpt-fast's formulation, which
+    ``torch.compile`` (on by default for CUDA decoding) fuses into one kernel reading the int8 weights."""
+    global _CUDA_INT8_KERNEL
+    if _CUDA_INT8_KERNEL is None:
+        try:
+            x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+            w = torch.ones(32, 64, device="cuda", dtype=torch.int8)
+            y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(32, device="cuda", dtype=torch.bfloat16))
+            _CUDA_INT8_KERNEL = bool(torch.allclose(y.float(), x.float().sum(1, keepdim=True).expand(2, 32), atol=0.5))
+        except (RuntimeError, NotImplementedError):
+            _CUDA_INT8_KERNEL = False
+    return _CUDA_INT8_KERNEL
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear, per-output-channel symmetric scales. ``forward``: (..., in) -> (..., out) in
     the input's dtype."""
@@ -123,6 +142,7 @@ class Int8Linear(nn.Module):
         kscale = torch.ones_like(self.scale) if dtype == torch.float32 else self.scale
         self.register_buffer("kernel_scale", kscale.to(kdt), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.use_kernel = self.qweight.device.type != "cuda" or cuda_int8_kernel()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -141,7 +161,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.kernel_scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scale)  # (N, out)
+        if self.use_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scale)  # (N, out)
+        else:
+            y = torch.nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.kernel_scale
         y = y.float() * self.scale if self.dtype == torch.float32 else y.to(x.dtype)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
