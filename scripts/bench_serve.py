@@ -152,13 +152,15 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def summarize(recs: list[dict]) -> dict:
-    ok = [r for r in recs if r["error"] is None and r["t_first"] is not None]
-    ttft = [r["t_first"] - r["t_send"] for r in ok]
-    tpot = [(r["t_end"] - r["t_first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
-    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]
+    ok = [r for r in recs if r["error"] is None]
+    timed = [r for r in ok if r["t_first"] is not None]  # a stream may carry no text at all (undecodable bytes)
+    ttft = [r["t_first"] - r["t_send"] for r in timed]
+    tpot = [(r["t_end"] - r["t_first"]) / (r["tokens"] - 1) for r in timed if r["tokens"] > 1]
+    itl = [b - a for r in timed for a, b in zip(r["chunks"], r["chunks"][1:])]
     span = max(r["t_end"] for r in recs) - min(r["t_send"] for r in recs)
     tokens = sum(r["tokens"] for r in ok)
-    return {"requests": len(recs), "errors": len(recs) - len(ok), "output_tokens": tokens, "span_s": span,
+    return {"requests": len(recs), "errors": len(recs) - len(ok), "without_text": len(ok) - len(timed),
+            "output_tokens": tokens, "span_s": span,
             "output_tokens_per_s": tokens / span if span > 0 else 0.0,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "tpot_p50_s": pct(tpot, 0.5),
             "tpot_p99_s": pct(tpot, 0.99), "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99)}
@@ -237,24 +239,27 @@ def main() -> None:
     print(f"\n{args.requests} requests a rate, {args.max_tokens} new tokens each (greedy, streamed), prompts of "
           f"{lo}-{hi} digits; ours pp={args.pp} x 1 thread, transformers {args.threads} threads\n")
     print("| rate (req/s) | server | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) "
-          "| errors |")
+          "| errors (streams without text) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for rate in rates:
         for name, res in results.items():
             s = res[rate]["summary"]
             print(f"| {rate:g} | {name} | {s['output_tokens_per_s']:.1f} | {ms(s['ttft_p50_s'])} / "
                   f"{ms(s['ttft_p99_s'])} | {ms(s['tpot_p50_s'])} / {ms(s['tpot_p99_s'])} | {ms(s['itl_p50_s'])} / "
-                  f"{ms(s['itl_p99_s'])} | {s['errors']} |")
+                  f"{ms(s['itl_p99_s'])} | {s['errors']} ({s['without_text']}) |")
     if "transformers" in results:
         print()
         for rate in rates:
             a, b = results["miaotui"][rate], results["transformers"][rate]
             sa, sb = a["summary"], b["summary"]
             same = sum(x == y for x, y in zip(a["texts"], b["texts"]))
+            prefix = sum(x.startswith(y) or y.startswith(x) for x, y in zip(a["texts"], b["texts"]))
             ratio = sa["output_tokens_per_s"] / sb["output_tokens_per_s"] if sb["output_tokens_per_s"] else float("inf")
             ttft = (sb["ttft_p99_s"] / sa["ttft_p99_s"]) if sa["ttft_p99_s"] and sb["ttft_p99_s"] else None
             print(f"rate {rate:g}: output tokens/s {ratio:.2f}x transformers; p99 TTFT "
-                  f"{'-' if ttft is None else f'{ttft:.1f}x lower'}; same greedy text {same}/{len(a['texts'])}")
+                  f"{'-' if ttft is None else f'{ttft:.1f}x lower'}; greedy texts identical {same}/{len(a['texts'])}, "
+                  f"one a prefix of the other {prefix}/{len(a['texts'])} (a stream that ends in an incomplete "
+                  f"character may drop it)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": {n: {str(r): v for r, v in res.items()}
