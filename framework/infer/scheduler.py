@@ -247,8 +247,8 @@ class Scheduler:
             req = self.waiting.popleft()
             seq = Sequence(req, self.pool.take(), lane)
             seqs.append(seq)
-        for s in seqs:  # decode rows: prompt done, last token back
-            if s.prefilled == s.prompt_len:
+        for s in sorted(seqs, key=lambda s: s.slot):  # decode rows (prompt done, last token back), by slot: rows
+            if s.prefilled == s.prompt_len:  # in consecutive slots read their cache as one view
                 plan.dec_slots.append(s.slot)
                 plan.dec_pos.append(s.prompt_len + len(s.generated) - 1)
                 plan.tokens.append(s.generated[-1])

@@ -102,13 +102,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, window: int, masked: bool, slot: int | None = None) -> torch.Tensor:
+                     positions: torch.Tensor, window: int, masked: bool, block: int | None = None) -> torch.Tensor:
     """One new query a row against its cached keys 0..position, within the first ``window`` positions of the
-    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask; one row whose
-    slot is known on the host (``slot``, eager only) reads a view of its cache instead of a gathered copy."""
+    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask. Rows whose slots
+    are known on the host to be the block ``block .. block+B-1`` (eager only) read a view of the cache instead of
+    a gathered copy."""
     B, H, hd = q.shape
-    if slot is not None:
-        k, v = kc[slot, :, :window][None], vc[slot, :, :window][None]
+    if block is not None:
+        k, v = kc[block: block + B, :, :window], vc[block: block + B, :, :window]
     else:
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
         v = vc[:, :, :window].index_select(0, slots)
@@ -135,6 +136,11 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot:
         mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         y = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=gqa)
     return y[0].transpose(0, 1).reshape(T, H * hd)
+
+
+def contiguous_block(slots: list[int]) -> int | None:
+    """The first slot when ``slots`` are consecutive (s, s+1, ...), else None."""
+    return slots[0] if slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)) else None
 
 
 def window_for(positions: list[int], bucket: int, max_len: int) -> int:
@@ -209,11 +215,11 @@ class StageWorker:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_vocab(self.w.lm_head(self.w.norm(x)))
 
-    def _decode_step(self, x, slots, positions, window: int, masked: bool, slot: int | None = None):
-        """Decode-only step (the compiled one, with ``slot`` None): one token per row."""
+    def _decode_step(self, x, slots, positions, window: int, masked: bool, block: int | None = None):
+        """Decode-only step (the compiled one, with ``block`` None): one token per row."""
         if self.first:
             x = self._embed(x)
-        x = self._layers(x, positions, slots, (slots, positions, window, masked, slot), [])
+        x = self._layers(x, positions, slots, (slots, positions, window, masked, block), [])
         return self._head(x) if self.last else x
 
     # -- a step -------------------------------------------------------------------------------------------
@@ -233,7 +239,8 @@ class StageWorker:
             dec = None
             if n_dec:
                 win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
-                dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1)
+                dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1,
+                       contiguous_block(plan.dec_slots))
             h = self._embed(x) if self.first else x
             h = self._layers(h, positions, tok_slots, dec, plan.segs)
             if self.last:
@@ -255,8 +262,9 @@ class StageWorker:
         t_slots = torch.tensor(slots, device=self.device)
         t_pos = torch.tensor(pos, device=self.device)
         masked = padded > 1 or win != pos[0] + 1
-        if not self.compiled and padded == 1:  # eager, one row: a view of its slot's cache
-            out = self._decode_step(x, t_slots, t_pos, win, masked, slots[0])
+        block = None if self.compiled else contiguous_block(slots)
+        if block is not None:  # eager, slots in one block: views of the cache
+            out = self._decode_step(x, t_slots, t_pos, win, masked, block)
         else:
             out = self._decode(x, t_slots, t_pos, win, masked)
         return out[:n] if padded > n else out

@@ -230,7 +230,10 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
     if bridge.loop is not None and http.is_alive():
         bridge.loop.call_soon_threadsafe(bridge.fail_all, "the server stopped")
     server.should_exit = True
-    http.join()
+    http.join(timeout=30)  # every answer is complete: only a client that reads slowly can hold the HTTP side
+    if http.is_alive():
+        server.force_exit = True
+        http.join(timeout=5)
     destroy()
     if not signals:  # the HTTP thread ended by itself
         _say_error("rank 0: the HTTP server stopped unexpectedly")
