@@ -4,8 +4,9 @@ layer's inputs and prunes it.
 The pass follows the Wanda paper: the calibration sequences are embedded once; then for each decoder layer in
 order, hooks on its linear layers accumulate the sum of squares of every input feature over all calibration
 tokens, the layer is pruned, and it is run again (pruned) to give the next layer its inputs. So each layer's
-statistics are those of the already-pruned layers before it, and only one layer's activations are held at a
-time: a pipeline stage would do the same for its own layers, fed the hidden states of the stage before it.
+statistics are those of the already-pruned layers before it. Under ``torchrun`` each process is a pipeline
+stage holding only its layers: stage 0 embeds the tokens, each stage collects its own layers' inputs, prunes
+them and sends its output to the next (framework/compress/run.py).
 """
 
 from __future__ import annotations
@@ -81,17 +82,18 @@ def accumulate_sq(sq: dict[str, torch.Tensor], name: str):
 
 
 @torch.no_grad()
-def wanda_prune_model(model: Llama, blocks: torch.Tensor, sparsity, batch_size: int = 8) -> dict:
-    """Prune ``model`` (the whole plain model, one process) layer by layer with Wanda on ``blocks`` (S, T)."""
+def wanda_prune_layers(model: Llama, hidden: torch.Tensor, sparsity, batch_size: int = 8) -> torch.Tensor:
+    """Prune the decoder layers ``model`` holds (the whole model, or one pipeline stage's) in order with Wanda,
+    fed ``hidden`` (S, T, D): the calibration tokens' embeddings, or the previous stage's output. Returns this
+    stage's output for the same tokens, computed through the pruned layers."""
     from framework.compress.prune import prunable_linears, wanda_prune_layer
 
-    xs = [model.model.embed_tokens(b) for b in blocks.split(batch_size)]  # each (b, T, D)
-    T = blocks.shape[1]
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T)[None], xs[0].dtype)  # (1, T, hd)
+    xs = list(hidden.split(batch_size))  # each (b, T, D)
+    T = hidden.shape[1]
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T)[None], hidden.dtype)  # (1, T, hd)
     for layer in model.model.layers.values():
         linears = prunable_linears(layer)
         sq = {name: torch.zeros(lin.in_features) for name, lin in linears}
-
         hooks = [lin.register_forward_hook(accumulate_sq(sq, name)) for name, lin in linears]
         try:
             for x in xs:
@@ -101,4 +103,4 @@ def wanda_prune_model(model: Llama, blocks: torch.Tensor, sparsity, batch_size: 
                 h.remove()
         wanda_prune_layer(linears, sq, sparsity)
         xs = [layer(x, cos, sin) for x in xs]  # the next layer sees this one pruned
-    return {"samples": int(blocks.shape[0]), "seq_len": int(T), "tokens": int(blocks.numel())}
+    return torch.cat(xs)

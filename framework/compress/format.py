@@ -111,15 +111,8 @@ def is_compressed(hf_config: dict) -> str | None:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor], hf_config: dict,
-                     max_shard_mb: int = 2000) -> None:
-    """Write ``tensors`` as sharded safetensors plus the index, ``hf_config`` as config.json, and copy the source's
-    tokenizer files and generation_config.json; the directory appears whole (written beside, then renamed)."""
-    from framework.checkpoint.manifest import write_manifest
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_mb: int) -> list[list[str]]:
+    """Names in order, cut into shards of at most ``max_shard_mb`` MiB (a larger tensor gets a shard alone)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -129,15 +122,30 @@ def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor
             size = 0
         shards[-1].append(name)
         size += nbytes
-    n = len(shards)
+    return shards if shards[0] else []
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shards(tmp: str, tensors: dict[str, torch.Tensor], shards: list[list[str]], first: int, n: int) -> dict[str, str]:
+    """Write ``shards`` (lists of names) as files ``first``.. of ``n`` into ``tmp``; returns their weight map."""
     wmap = {}
     for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        fname = shard_name(first + i, n)
         save_file({k: tensors[k].contiguous() for k in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
         wmap.update({k: fname for k in names})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return wmap
+
+
+def finalize(src_dir: str, tmp: str, out_dir: str, wmap: dict[str, str], total_bytes: int, hf_config: dict) -> None:
+    """The index, config.json, the source's tokenizer files and generation_config.json, the manifest; then the
+    directory takes its name (it appears whole)."""
+    from framework.checkpoint.manifest import write_manifest
+
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=1)
+        json.dump({"metadata": {"total_size": total_bytes}, "weight_map": wmap}, f, indent=1)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
     for name in COPIED_FILES:
@@ -147,6 +155,17 @@ def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor], hf_config: dict,
+                     max_shard_mb: int = 2000) -> None:
+    """One process: ``tensors`` as sharded safetensors, the index and config, the source's tokenizer files."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards = plan_shards(tensors, max_shard_mb)
+    wmap = write_shards(tmp, tensors, shards, 0, len(shards))
+    finalize(src_dir, tmp, out_dir, wmap, sum(t.numel() * t.element_size() for t in tensors.values()), hf_config)
 
 
 def dir_size_bytes(path: str) -> int:

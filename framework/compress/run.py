@@ -80,11 +80,16 @@ def validate(cfg: CompressConfig) -> tuple[str, dict, ModelArgs, Sparsity | None
     return src, hf, args, sparsity
 
 
-def load_plain(src: str, args: ModelArgs) -> Llama:
-    """The whole model in fp32 with its separate projections (the export's names)."""
-    model = meta_model(args).to_empty(device="cpu").float()
+def load_plain(src: str, args: ModelArgs, layers: list[int] | None = None, first: bool = True,
+               last: bool = True) -> Llama:
+    """The model in fp32 with its separate projections (the export's names): all of it, or one pipeline stage's
+    share (``layers``, embedding on the first, norm and head on the last), reading only those tensors."""
+    model = meta_model(args)
+    if layers is not None:
+        model.keep_only(layers, first, last)
+    model = model.to_empty(device="cpu").float()
     model.tie_weights()
-    load_hf_weights(model, src)
+    load_hf_weights(model, src, names=list(model.state_dict().keys()))
     from framework.models.llama import rope_inv_freq
 
     model.inv_freq = rope_inv_freq(args)
@@ -98,14 +103,17 @@ def export_names(model: Llama, args: ModelArgs) -> list[str]:
 
 @torch.no_grad()
 def quantized_tensors(model: Llama, args: ModelArgs, method: str, group_size: int, head: bool,
-                      dtype: torch.dtype, symmetric: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+                      dtype: torch.dtype, symmetric: bool = False,
+                      names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The export's tensors with the quantized linears in compressed-tensors' pack-quantized layout, and the
     names of the linear layers left in full precision."""
     targets = dict(quantizable_linears(model, head))
+    if args.tie_embeddings:  # a stage without the embedding holds its own copy of the tied head: still tied
+        targets.pop("lm_head", None)
     all_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for name in export_names(model, args):
+    for name in names if names is not None else export_names(model, args):
         prefix = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and prefix in targets:
             w = state[name]
@@ -125,13 +133,36 @@ def quantized_tensors(model: Llama, args: ModelArgs, method: str, group_size: in
     return out, sorted(set(all_linears) - set(targets))
 
 
+def owned_names(args: ModelArgs, stages: list[list[int]], rank: int, model: Llama) -> list[str]:
+    """The export names this stage writes: its own, less what an earlier stage already holds (a tied embedding
+    read again by the last stage) and the tied head."""
+    from framework.infer.plan import stage_tensor_names
+
+    earlier = set()
+    for r in range(rank):
+        earlier.update(stage_tensor_names(args, stages[r], r == 0, r == len(stages) - 1))
+    return [n for n in export_names(model, args) if n not in earlier]
+
+
 def compress(cfg: CompressConfig) -> str:
-    """Compress ``cfg.model_dir`` into ``cfg.out``; returns the output directory."""
+    """Compress ``cfg.model_dir`` into ``cfg.out``; returns the output directory. Under ``torchrun`` each of the
+    processes is a pipeline stage: it reads only its layers' tensors, quantizes or prunes them (Wanda: fed the
+    previous stage's hidden states) and writes its own shard files; rank 0 writes the rest."""
+    from framework.infer.plan import split_layers
+    from framework.parallel.distributed import barrier, env_rank_world, init_distributed
+
     t0 = time.perf_counter()
     src, hf, args, sparsity = validate(cfg)
     out = cfg.out or src.rstrip("/") + f"-{cfg.method}"
+    _, _, world = env_rank_world()
+    rank = 0
+    if world > 1:
+        rank, world = init_distributed(torch.device("cpu"), "gloo")
+    stages = split_layers(args.n_layers, world, None)
+    first, last = rank == 0, rank == world - 1
     dtype = source_dtype(hf)
-    model = load_plain(src, args)
+    model = load_plain(src, args, stages[rank], first, last)
+    names = owned_names(args, stages, rank, model)
     new_hf = dict(hf)
     summary: dict = {"method": cfg.method, "source": os.path.abspath(src)}
     if cfg.method in QUANT_METHODS:
@@ -139,7 +170,8 @@ def compress(cfg: CompressConfig) -> str:
         group = cfg.quant.group_size if bits == 4 else None
         symmetric = bits == 4 and cfg.quant.symmetric
         tensors, ignored = quantized_tensors(model, args, cfg.method, cfg.quant.group_size, cfg.quant.head, dtype,
-                                             symmetric)
+                                             symmetric, names)
+        ignored = sorted({n for part in gather(ignored, world) for n in part})
         new_hf["quantization_config"] = fmt.quantization_config(bits, group, ignored, symmetric)
         summary.update(bits=bits, group_size=group,
                        scheme="symmetric per output channel, w = q * scale" if bits == 8 else
@@ -147,24 +179,78 @@ def compress(cfg: CompressConfig) -> str:
                        "asymmetric per group, integer zero point: w = (q - zp) * scale",
                        unquantized=["model.embed_tokens", "norms"] + ignored)
     else:
-        from framework.compress.prune import magnitude_prune, measured_sparsity
+        from framework.compress.prune import magnitude_prune
 
         if cfg.method == "magnitude":
             magnitude_prune(model, sparsity)
         else:
-            from framework.compress.calibrate import calibration_blocks, wanda_prune_model
-
-            blocks = calibration_blocks(cfg.calib, src)
-            summary["calibration"] = {"data": cfg.calib.data, **wanda_prune_model(model, blocks, sparsity)}
+            summary["calibration"] = wanda_stages(model, args, cfg, src, sparsity, rank, world)
         state = model.state_dict()
-        tensors = {n: state[n].to(dtype) for n in export_names(model, args)}
+        tensors = {n: state[n].to(dtype) for n in names}
+        counts = gather(sparsity_counts(model), world)
         summary.update(sparsity=str(sparsity), pattern=f"{sparsity.n_m[0]}:{sparsity.n_m[1]}" if sparsity.n_m else
                        "unstructured", scope="per output row" if cfg.method == "wanda" or sparsity.n_m else "per layer",
-                       pruned=sorted({n.split(".")[-1] for n, _ in prunable_linears(model)}),
-                       measured_sparsity=round(measured_sparsity(model), 4))
+                       pruned=sorted({n.split(".")[-1] for n, _ in prunable_linears(meta_model(args))}),
+                       measured_sparsity=round(sum(z for z, _ in counts) / max(sum(t for _, t in counts), 1), 4))
     new_hf["compression_config"] = summary
-    fmt.write_compressed(src, out, tensors, new_hf, cfg.max_shard_size_mb)
-    before, after = fmt.dir_size_bytes(src), fmt.dir_size_bytes(out)
-    print(f"compressed {src} -> {out} ({cfg.method}): {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "
-          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    # every stage writes its shard files into out.tmp; rank 0 the index, config, tokenizer and manifest
+    tmp = out.rstrip("/") + ".tmp"
+    if first:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    shards = fmt.plan_shards(tensors, cfg.max_shard_size_mb)
+    counts = gather(len(shards), world)
+    wmap = fmt.write_shards(tmp, tensors, shards, sum(counts[:rank]), sum(counts))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    parts = gather((wmap, nbytes), world)
+    if first:
+        fmt.finalize(src, tmp, out, {k: v for w, _ in parts for k, v in w.items()}, sum(b for _, b in parts), new_hf)
+        before, after = fmt.dir_size_bytes(src), fmt.dir_size_bytes(out)
+        print(f"compressed {src} -> {out} ({cfg.method}{f', {world} stages' if world > 1 else ''}): "
+              f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB in {time.perf_counter() - t0:.1f} s", flush=True)
+    barrier()
     return out
+
+
+def gather(obj, world: int) -> list:
+    """Every stage's ``obj``, in stage order (just ``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sparsity_counts(model: Llama) -> tuple[int, int]:
+    zeros = total = 0
+    for _, lin in prunable_linears(model):
+        zeros += int((lin.weight == 0).sum())
+        total += lin.weight.numel()
+    return zeros, total
+
+
+def wanda_stages(model: Llama, args: ModelArgs, cfg: CompressConfig, src: str, sparsity, rank: int, world: int) -> dict:
+    """Wanda over the stages in turn: stage 0 embeds the calibration tokens; each stage prunes its layers on
+    the hidden states it receives and sends its output on (point-to-point, gloo)."""
+    import torch.distributed as dist
+
+    from framework.compress.calibrate import calibration_blocks, wanda_prune_layers
+    from framework.parallel.distributed import broadcast_object
+
+    blocks = calibration_blocks(cfg.calib, src) if rank == 0 else None
+    shape = broadcast_object(None if blocks is None else tuple(blocks.shape))
+    with torch.no_grad():
+        if rank == 0:
+            hidden = model.model.embed_tokens(blocks)  # (S, T, D)
+        else:
+            hidden = torch.empty(*shape, args.dim)
+            dist.recv(hidden, src=rank - 1)
+        hidden = wanda_prune_layers(model, hidden, sparsity)
+        if rank < world - 1:
+            dist.send(hidden.contiguous(), dst=rank + 1)
+    return {"data": cfg.calib.data, "samples": shape[0], "seq_len": shape[1], "tokens": shape[0] * shape[1]}

@@ -36,3 +36,37 @@ def test_int8_pp2_equals_pp1_and_quantize_while_loading(tmp_path):
     assert all(len(t) == 16 for t in pp1)
     assert generate(out, tmp_path, 2) == pp1
     assert generate(src, tmp_path, 1, ["infer.quant=int8"]) == pp1
+
+
+def test_wanda_at_two_stages_equals_one_process(tmp_path):
+    """Each stage reads only its layers, collects its own layers' inputs from the stage before, and writes its own
+    shards: the export is bitwise the one-process one (a tied model: the last stage re-reads the embedding)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from framework.compress.run import compress
+    from framework.config import CalibConfig, CompressConfig
+    from tests.helpers import make_hf_model
+
+    src = tmp_path / "hf"
+    make_hf_model(str(src), n_layers=4, init_std=0.05, tie=True)
+    calib = ["calib.data=synthetic", "calib.samples=16", "calib.seq_len=32"]
+    two = tmp_path / "two"
+    assert_ok(run_module("framework.compress", [f"model_dir={src}", f"out={two}", "method=wanda", "sparsity=2:4",
+                                                *calib], nproc=2))
+    one = compress(CompressConfig(model_dir=str(src), out=str(tmp_path / "one"), method="wanda", sparsity="2:4",
+                                  calib=CalibConfig(data="synthetic", samples=16, seq_len=32)))
+
+    def tensors(d):
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, f)))
+        return out
+
+    a, b = tensors(one), tensors(two)
+    assert len([f for f in os.listdir(two) if f.endswith(".safetensors")]) == 2
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((two / "config.json").read_text()) == json.loads(open(os.path.join(one, "config.json")).read())
