@@ -2,9 +2,10 @@
 
 Layout (one directory per step, every rank writing its own shards through DeepSpeed)::
 
-    checkpoints/step-000200/   DeepSpeed's per-rank model and optimizer shards (exact resume at the same layout),
-                               universal/ (every parameter's full fp32 weight and moments: resume on any layout,
-                               export), trainer_state.json, manifest.json
+    checkpoints/step-000200/   universal/ (every parameter's full fp32 weight and moments: resume on any layout,
+                               export), trainer_state.json, manifest.json; DeepSpeed's per-rank model and
+                               optimizer shards only where the per-parameter state is off or cannot carry
+                               everything (fp16: the loss scaler), as they would be a second copy of the state
     checkpoints/latest         names the newest complete checkpoint; replaced atomically, last
 
 ``latest`` moves only after every rank finished writing and the manifest is written, so a crash mid-save leaves
@@ -78,23 +79,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy()))
 
 
+def restore_rng(state: dict) -> None:
+    """This rank's RNG as saved, when the checkpoint was written by as many ranks."""
+    rngs = state.get("rng") or []
+    if len(rngs) == dist.get_world_size():
+        set_rng_state(rngs[dist.get_rank()])
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str, keep: int, is_rank0: bool):
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep, self.is_rank0 = keep, is_rank0
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict, universal: dict | None = None) -> str:
+    def save(self, engine, step: int, state: dict, universal: dict | None = None, shards: bool = True) -> str:
         """Every rank writes its shards; rank 0 adds trainer_state.json and the manifest, then moves latest.
 
-        ``universal`` (tp, tp_group, max_shard_mb) also writes the layout-free per-parameter state.
+        ``universal`` (tp, tp_group, max_shard_mb) also writes the layout-free per-parameter state; ``shards``
+        False leaves DeepSpeed's own files out (the per-parameter state then is the only copy of the fp32 state).
         """
         tag, replaces = None, None
         if self.is_rank0:
             tag, replaces = self._free_tag(step)
         tag, replaces = broadcast_object((tag, replaces))
         path = os.path.join(self.root, tag)
-        engine.save_checkpoint(self.root, tag=tag, save_latest=False)
+        os.makedirs(path, exist_ok=True)
+        if shards:
+            engine.save_checkpoint(self.root, tag=tag, save_latest=False)
         if universal is not None:
             save_universal(engine, path, optimizer_step=step, **universal)
         maybe_fail("save", step)
@@ -106,7 +117,7 @@ class CheckpointManager:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, hash_files(path, rels, dist.get_rank(), dist.get_world_size()))
         if self.is_rank0:
-            full = {**state, "rng": rngs, "world_size": dist.get_world_size()}
+            full = {**state, "rng": rngs, "world_size": dist.get_world_size(), "deepspeed_shards": shards}
             with open(os.path.join(path, "trainer_state.json"), "w") as f:
                 json.dump(full, f, indent=1)
             files = {k: v for part in parts for k, v in part.items()}
@@ -202,7 +213,5 @@ class CheckpointManager:
             raise UserError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0][:300]}") from exc
         if load_path is None:
             raise UserError(f"DeepSpeed found no checkpoint files in {path}")
-        rngs = state.get("rng") or []
-        if len(rngs) == dist.get_world_size():
-            set_rng_state(rngs[dist.get_rank()])
+        restore_rng(state)
         return state

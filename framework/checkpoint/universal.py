@@ -1,11 +1,12 @@
 """Layout-free training state: every parameter's full fp32 value and AdamW moments, one tensor per name.
 
-DeepSpeed's own shards (``mp_rank_*``, ``*_optim_states.pt``) are exact but bound to the (dp, tp, ZeRO stage) that
-wrote them. Next to them every checkpoint holds ``universal/``: for each parameter (by its Hugging Face name) the
+DeepSpeed's own shards (``mp_rank_*``, ``*_optim_states.pt``) are bound to the (dp, tp, ZeRO stage) that wrote them.
+Every checkpoint holds ``universal/`` instead (DeepSpeed's shards too only for fp16, or with
+``checkpoint.universal=false``): for each parameter (by its Hugging Face name) the
 full fp32 master weight and the ``exp_avg`` / ``exp_avg_sq`` moments, gathered across ZeRO partitions and
 tensor-parallel shards, in safetensors files written in parallel (file i by rank i mod world) and indexed by
-``model.safetensors.index.json``. Any layout resumes from it by slicing what it owns; the export reads it with
-no DeepSpeed engine at all.
+``model.safetensors.index.json``. Any layout, the saving one included, resumes from it by slicing what it owns
+(the same values bit for bit: fp32 masters and moments); the export reads it with no DeepSpeed engine at all.
 
 Why our own format rather than DeepSpeed's universal checkpoint: that one is produced by an offline conversion
 (``ds_to_universal``) run after the fact, and its tensor-parallel slicing rules target Megatron layouts. Ours is

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoint.export import PRECISION_DTYPES, export_from_module
 from framework.checkpoint.faults import maybe_fail
-from framework.checkpoint.manager import CheckpointManager, model_shape
+from framework.checkpoint.manager import CheckpointManager, model_shape, restore_rng
 from framework.checkpoint.universal import UniversalReader, load_universal_optimizer, load_universal_weights
 from framework.cli import UserError
 from framework.config import TrainConfig, TrainerConfig
@@ -206,6 +206,11 @@ class Job:
         return {"dp": self.topo.dp, "tp": self.topo.tp, "zero_stage": self.cfg.parallel.zero_stage}
 
     @property
+    def from_universal(self) -> bool:
+        """Resume through the per-parameter state: another layout, or a checkpoint without DeepSpeed's shards."""
+        return self.state is not None and (not self.same_layout or not self.state.get("deepspeed_shards", True))
+
+    @property
     def same_layout(self) -> bool:
         return self.state is not None and self.state.get("layout") == self.layout \
             and self.state.get("world_size") == self.world
@@ -275,7 +280,7 @@ def build_engine(job: Job, args: ModelArgs):
     # what the process held before the model: peak_mem_gb minus this is the model's, the planner's subject
     job.timings["base_mem_gb"] = current_memory_gb(job.device)
     weights, source = None, None
-    if job.state is not None and not job.same_layout:
+    if job.from_universal:
         weights, source = UniversalReader(job.resume_from).get, None
     elif t.init_from:
         weights, source = hf_tensor_reader(t.init_from), t.init_from
@@ -300,12 +305,13 @@ def restore(job: Job, engine, loader: ShardedLoader) -> tuple[int, int]:
         return 0, 0
     state, t = job.state, job.cfg.trainer
     t_load = time.perf_counter()
-    if job.same_layout:
+    if not job.from_universal:
         job.ckpt.load(engine, job.resume_from, state)
     else:
         load_universal_optimizer(engine, job.resume_from, job.topo.tp, job.topo.tp_rank, state["step"],
                                  materialize=lambda: null_step(engine, t, job.device))
         restore_schedule(engine, state["step"], t.global_batch_size)
+        restore_rng(state)
     loader.load_state_dict(state["loader"])
     barrier()
     job.timings["load_s"] = time.perf_counter() - t_load
@@ -319,10 +325,13 @@ def save(job: Job, engine, args: ModelArgs, loader: ShardedLoader, step: int, to
     universal = None
     if cfg.checkpoint.universal:
         universal = {"tp": topo.tp, "tp_group": tp_group(topo), "max_shard_mb": cfg.checkpoint.max_shard_size_mb}
+    # The per-parameter state holds every fp32 weight and moment: DeepSpeed's shards would be a second copy. fp16
+    # keeps them (its loss scaler lives there, and at ZeRO 0 its masters).
+    shards = universal is None or cfg.parallel.precision == "fp16"
     t_save = time.perf_counter()
     path = job.ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                                         "layout": job.layout, "model": model_shape(args), "model_args": asdict(args),
-                                        "precision": cfg.parallel.precision}, universal)
+                                        "precision": cfg.parallel.precision}, universal, shards=shards)
     job.timings["save_s"] = time.perf_counter() - t_save
     logger.write(f"[miaotui] saved checkpoint {path} in {job.timings['save_s']:.2f}s")
 

@@ -115,7 +115,7 @@ def test_damaged_or_foreign_checkpoint_is_refused(uninterrupted, tmp_path, damag
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     step = run / "checkpoints" / "step-000010"
-    shard = next(step.glob("zero_pp_rank_0_*optim_states.pt"))
+    shard = next((step / "universal").glob("state-*.safetensors"))
     overrides = []
     if damage == "corrupt":
         data = bytearray(shard.read_bytes())
