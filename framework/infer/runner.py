@@ -12,21 +12,17 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoint.convert import export_step_dir
 from framework.cli import UserError
 from framework.config import GenerateConfig
-from framework.data.tokenizer import load_tokenizer
 from framework.infer.engine import Engine
-from framework.infer.loader import default_dtype, load_stage, read_model_args, resolve_model_dir, rss_mb, weight_bytes
-from framework.infer.plan import format_plan, plan_stages
+from framework.infer.loader import load_stage, rss_mb, weight_bytes
 from framework.infer.sampler import SamplingParams
 from framework.infer.scheduler import Request
-from framework.parallel.distributed import barrier, broadcast_object, init_distributed, pick_device
-from framework.parallel.topology import build_topology
+from framework.infer.startup import start_stage_ranks
+from framework.parallel.distributed import barrier, broadcast_object
 
 
 def as_generate_config(cfg) -> GenerateConfig:
@@ -158,37 +154,9 @@ def generate(cfg) -> dict:
     """Run the job; returns the summary (rank 0) and writes outputs. Every rank calls this."""
     cfg = as_generate_config(cfg)
     inf = cfg.infer
-    max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
-    if max_batch < 1:
-        raise UserError(f"infer.max_batch={max_batch}: at least one running sequence is needed (e.g. 256)")
-    if inf.scheduler not in ("continuous", "static"):
-        raise UserError(f"infer.scheduler={inf.scheduler}: use continuous or static")
-    if inf.prefill_chunk < 1:
-        raise UserError(f"infer.prefill_chunk={inf.prefill_chunk}: prefill at least 1 prompt token a step (e.g. 512)")
-    model_dir, export_from = resolve_model_dir(cfg.model_dir)
-    if export_from is None:
-        args = read_model_args(model_dir)
-    device = pick_device(inf.device)
-    if export_from is None:
-        dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
-    rank, world = init_distributed(device, inf.backend, inf.timeout_s)
-    if world != inf.pp * inf.tp:
-        raise UserError(f"infer.pp={inf.pp} x infer.tp={inf.tp} = {inf.pp * inf.tp} processes, but {world} were "
-                        f"launched: use torchrun --nproc_per_node={inf.pp * inf.tp}")
-    if export_from is not None:  # a training checkpoint: every rank writes its share of the export first
-        if rank == 0:
-            print(f"[miaotui] exporting {export_from} -> {model_dir}", file=sys.stderr, flush=True)
-        export_step_dir(export_from, model_dir)
-        args = read_model_args(model_dir)
-        dtype_name, dtype = default_dtype(inf.dtype, model_dir, device)
-    build_topology(world, rank, tp=inf.tp, pp=inf.pp, n_heads=args.n_heads, n_kv_heads=args.kv_heads,
-                   ffn_dim=args.ffn_dim, key="infer.tp")
-    stages = plan_stages(args, inf.pp, inf.split, torch.tensor([], dtype=dtype).element_size())
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
-    say(f"[miaotui] {model_dir}: {args.num_params() / 1e6:.2f}M parameters, {args.n_layers} layers, "
-        f"pp={inf.pp} x tp={inf.tp}, dtype={dtype_name}, device={device.type}\n{format_plan(stages)}")
-
-    tokenizer = load_tokenizer(model_dir)
+    st = start_stage_ranks(cfg.model_dir, inf)
+    model_dir, args, device, dtype, rank, world = st.model_dir, st.args, st.device, st.dtype, st.rank, st.world
+    stages, tokenizer, say = st.stages, st.tokenizer, st.say
     # Requests are read and checked by rank 0 before any weight is loaded.
     payload = None
     if rank == 0:
