@@ -179,9 +179,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="small,30m", help="CPU: the model shapes of (a); (b)-(e) use the last")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--requests", type=int, default=256, help="(b): requests, all decoded as one batch")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds over the configurations, interleaved (medians reported)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds over the configurations, interleaved (medians reported); 3 on CPU, 1 on a GPU")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    a.repeats = a.repeats or (3 if device == "cpu" else 1)
     dtype = "bf16" if a.flavor == "1b" else "fp32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = tempfile.mkdtemp(prefix="bench_infer_")
