@@ -1,7 +1,6 @@
 """Pipeline generation against transformers' generate(): pp = 1..4, uneven splits, padding, seeded sampling."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -68,11 +67,13 @@ def test_seeded_sampling_same_across_stage_counts(hf_model, tmp_path):
 def test_summary_written(hf_model, tmp_path):
     path, _, _ = hf_model
     summary = tmp_path / "summary.json"
-    run_generate(path, tmp_path, 2, [f"infer.summary={summary}"])
+    results = run_generate(path, tmp_path, 2, [f"infer.summary={summary}"])
     s = json.loads(summary.read_text())
     assert s["tokens_per_s"] > 0 and s["ttft_s"] > 0 and len(s["stage_busy_fraction"]) == 2
     assert all(0 < b <= 1 for b in s["stage_busy_fraction"])
-    assert os.path.exists(summary)
+    # the summary counts what was generated, and its rate is that count over its wall time
+    assert s["requests"] == len(PROMPTS) and s["generated_tokens"] == sum(len(r["token_ids"]) for r in results)
+    assert s["tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["wall_s"], rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -81,9 +82,18 @@ def test_low_precision_same_tokens_at_any_stage_count(hf_model, tmp_path, dtype)
     one = run_generate(path, tmp_path, 1, [f"infer.dtype={dtype}"])
     two = run_generate(path, tmp_path, 2, [f"infer.dtype={dtype}", "infer.micro_batches=2"])
     assert [r["token_ids"] for r in one] == [r["token_ids"] for r in two]
-    # and the low-precision model still says what the fp32 one says, at least at first
-    first = [hf_greedy(model, tok, p)[0] for p in PROMPTS]
-    assert sum(r["token_ids"][0] == f for r, f in zip(one, first)) >= 3
+    # and the low-precision model says what the fp32 one says wherever fp32 decides clearly: a top-2 gap of more than
+    # 2% of the logits' range is far beyond bf16/fp16 rounding (and there must be such prompts for this to test)
+    clear = 0
+    for prompt, res in zip(PROMPTS, one):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        if top2[0] - top2[1] > 0.02 * (logits.max() - logits.min()):
+            clear += 1
+            assert res["token_ids"][0] == int(logits.argmax()), (prompt, dtype)
+    assert clear >= 2
 
 
 def test_micro_batches_that_finish_at_different_steps(hf_model, tmp_path):
