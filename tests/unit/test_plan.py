@@ -113,3 +113,24 @@ def test_plan_command_one_line_when_a_layout_cannot_fit(tmp_path):
     proc = run_plan("model=8b", "infer.pp=2", "infer.tp=4", "infer.max_batch=64", "cluster.gpu=h100")
     assert proc.returncode == 0, proc.stderr
     assert "pp=2 x tp=4" in proc.stdout and "decode floor at batch 1" in proc.stdout and "slots fit" in proc.stdout
+
+
+def test_training_on_a_gpu_refuses_a_layout_that_cannot_fit(monkeypatch):
+    """The trainer asks the planner before building: 70B at ZeRO 1 on 8 GPUs of 80 GiB stops in one line; 1B fits."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from framework.cli import UserError
+    from framework.config import ParallelConfig, TrainConfig, TrainerConfig
+    from framework.trainer.trainer import check_fits
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30))
+    trainer = TrainerConfig(micro_batch_size=1, global_batch_size=8, seq_len=4096)
+    big = TrainConfig(model=flavor("70b"), parallel=ParallelConfig(precision="bf16", zero_stage=1), trainer=trainer)
+    with pytest.raises(UserError, match=r"70b at 8 processes .* needs about \d+\.\d GiB per GPU of 80\.0"):
+        check_fits(big, 8, torch.device("cuda", 0))
+    small = TrainConfig(model=flavor("1b"), parallel=ParallelConfig(precision="bf16", zero_stage=1,
+                                                                    activation_checkpointing=True), trainer=trainer)
+    check_fits(small, 8, torch.device("cuda", 0))
