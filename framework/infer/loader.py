@@ -179,7 +179,13 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
 
 
 def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtype, device, quantization):
-    """Quantize while loading (``quant``) and lay the CPU fp32 weights out for decoding."""
+    """Quantize while loading (``quant``), run 2:4-pruned weights on the GPU's sparse kernels, and lay the CPU
+    fp32 weights out for decoding."""
+    compression = read_hf_config(model_dir).get("compression_config") or {}
+    if compression.get("pattern") == "2:4" and device.type == "cuda" and dtype != torch.float32:
+        from framework.compress.prune import apply_semi_structured
+
+        apply_semi_structured(weights)
     if quant:
         if quantization:
             raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
