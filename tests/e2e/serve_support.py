@@ -60,11 +60,14 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
+        """Kill every rank and the launcher (torchrun starts each rank in a session of its own, so killing
+        torchrun's group alone would leave the ranks running)."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in self.ranks() + [-self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(timeout=30)
         self.log.close()
 
