@@ -59,14 +59,18 @@ class RMSNormW(nn.Module):
 
 class InferLayer(nn.Module):
     def __init__(self, layer, eps: float):
+        """Takes the loaded layer's weights; the separate q/k/v and gate/up are dropped from ``layer`` as soon as
+        they are fused, so loading peaks at one layer's copy, not the model's."""
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = RMSNormW(layer.input_layernorm.weight.detach(), eps)
         self.qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.qkv_sizes = [m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        attn.q_proj = attn.k_proj = attn.v_proj = None
         self.o = attn.o_proj
         self.post_norm = RMSNormW(layer.post_attention_layernorm.weight.detach(), eps)
         self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        mlp.gate_proj = mlp.up_proj = None
         self.down = mlp.down_proj
 
 

@@ -128,7 +128,10 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
     with torch.inference_mode():
         want = ref(tokens=tokens)
     for rows, kind in ((4, PackedLinear), (1, TransposedLinear)):
-        weights = StageWeights(ref).eval()  # q|k|v and gate|up as one matrix each, as the inference loader does
+        model = Llama(args).eval()
+        model.load_state_dict(ref.state_dict())
+        model.tie_weights()
+        weights = StageWeights(model).eval()  # q|k|v and gate|up as one matrix each, as the inference loader does
         torch.testing.assert_close(forward_logits(weights, tokens), want, rtol=1e-5, atol=1e-5)
         # every layer's four matrices take the faster layout; the LM head shares the embedding and stays
         assert pack_linears(weights, rows_hint=rows) == 4 * args.n_layers
