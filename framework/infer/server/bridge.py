@@ -93,7 +93,15 @@ class EngineBridge:
         """Hand the callbacks gathered since the last flush to the event loop."""
         if self._events and self.loop is not None:
             events, self._events = self._events, []
-            self.loop.call_soon_threadsafe(self._deliver, events)
+            self.to_loop(self._deliver, events)
+
+    def to_loop(self, fn, *args) -> None:
+        """Run fn(*args) in the event loop's thread; nothing when the loop has ended (the HTTP side stopped,
+        so no one is left to answer)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def poll(self, idle: bool) -> bool:
         """The engine's hook before each scheduling decision: add and cancel requests; block briefly when idle.

@@ -215,7 +215,7 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
         reason = f"a pipeline stage failed ({_short(exc)})"
         _say_error(f"rank 0: {reason}")
         if bridge.loop is not None:
-            bridge.loop.call_soon_threadsafe(bridge.fail_all, reason)
+            bridge.to_loop(bridge.fail_all, reason)
         else:
             bridge.dead = reason
         end = time.monotonic() + sc.dead_grace_s
@@ -228,7 +228,7 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
     bridge.flush()
     # Whatever reached the bridge after the engine stopped cannot be served any more.
     if bridge.loop is not None and http.is_alive():
-        bridge.loop.call_soon_threadsafe(bridge.fail_all, "the server stopped")
+        bridge.to_loop(bridge.fail_all, "the server stopped")
     server.should_exit = True
     http.join(timeout=30)  # every answer is complete: only a client that reads slowly can hold the HTTP side
     if http.is_alive():
