@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -264,6 +265,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": {n: {str(r): v for r, v in res.items()}
                                                        for n, res in results.items()}}, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)  # the built model and the servers' logs (kept when a server failed)
 
 
 if __name__ == "__main__":
