@@ -60,9 +60,29 @@ class TransposedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def relaid(linear: nn.Linear, rows_hint: int) -> nn.Module | None:
+class RowDotLinear(nn.Module):
+    """Inference-only ``nn.Linear`` for a compiled one-row decode step: written as a product and a sum over the
+    input features, which inductor turns into one vectorised streaming reduction over the (out, in) weight, where
+    the call into the BLAS GEMV reads it more slowly (30M Llama, one thread: 4.50 against 5.20 ms a token).
+    Outside a compiled graph, or for several rows, it is F.linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.shape[0] == 1:
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def relaid(linear: nn.Linear, rows_hint: int, compiled: bool = False) -> nn.Module | None:
     """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear. The packed kernel costs a
     little more a call, so below 512x512 weights it pays only from 32 rows on."""
+    if rows_hint <= 1 and compiled:
+        return RowDotLinear(linear)
     if rows_hint <= 2:
         return TransposedLinear(linear)
     if linear.weight.numel() >= 2**18 or rows_hint >= 32:
@@ -70,9 +90,10 @@ def relaid(linear: nn.Linear, rows_hint: int) -> nn.Module | None:
     return None
 
 
-def pack_linears(module: nn.Module, rows_hint: int) -> int:
+def pack_linears(module: nn.Module, rows_hint: int, compiled: bool = False) -> int:
     """Re-lay every ``nn.Linear`` under ``module`` whose weight is not shared (a tied head stays as it is) for
-    calls of ``rows_hint`` rows (the decode micro-batch); returns how many were re-laid."""
+    calls of ``rows_hint`` rows (the decode micro-batch; ``compiled``: in a compiled step); returns how many
+    were re-laid."""
     counts: dict[int, int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -80,7 +101,7 @@ def pack_linears(module: nn.Module, rows_hint: int) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and counts[id(child.weight)] == 1:
-                new = relaid(child, rows_hint)
+                new = relaid(child, rows_hint, compiled)
                 if new is not None:
                     setattr(parent, name, new)
                     n += 1

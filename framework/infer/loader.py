@@ -149,13 +149,13 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.device, dtype: torch.dtype,
                quant: str | None = None, group_size: int = 128, rows_hint: int | None = None, tp: int = 1,
-               tp_rank: int = 0) -> StageWeights:
+               tp_rank: int = 0, compiled: bool = False) -> StageWeights:
     """One stage's weights, laid out for inference.
 
     Built on the meta device and materialised with only what the stage holds; only its tensors are read
     (memory-mapped). A compressed export's quantized tensors load into quantized modules. Then q|k|v and
     gate|up become one matrix each; ``quant`` quantizes while loading; on CPU in fp32 the remaining linear
-    weights are laid out for a decode step of ``rows_hint`` rows (framework/infer/cpu_linear.py).
+    weights are laid out for a decode step of ``rows_hint`` rows, ``compiled`` or not (framework/infer/cpu_linear.py).
     """
     with torch.device("meta"):
         model = Llama(args).keep_only(stage.layers, stage.first, stage.last)
@@ -166,7 +166,7 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
                             f"or the uncompressed export with infer.quant={quantization.get('method', 'int8')}")
         load_tp_weights(model, model_dir, stage.tensor_names, tp, tp_rank, device, dtype)
         weights = StageWeights(model).eval()
-        return _finish(weights, model_dir, quant, group_size, rows_hint, dtype, device, quantization)
+        return _finish(weights, model_dir, quant, group_size, rows_hint, dtype, device, quantization, compiled)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     if quantization:
@@ -175,10 +175,12 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
         load_quantized(model, model_dir, stage.tensor_names, quantization, device)
     else:
         load_hf_weights(model, model_dir, names=stage.tensor_names)
-    return _finish(StageWeights(model).eval(), model_dir, quant, group_size, rows_hint, dtype, device, quantization)
+    return _finish(StageWeights(model).eval(), model_dir, quant, group_size, rows_hint, dtype, device, quantization,
+                   compiled)
 
 
-def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtype, device, quantization):
+def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtype, device, quantization,
+            compiled=False):
     """Quantize while loading (``quant``), run 2:4-pruned weights on the GPU's sparse kernels, and lay the CPU
     fp32 weights out for decoding."""
     compression = read_hf_config(model_dir).get("compression_config") or {}
@@ -193,5 +195,5 @@ def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtyp
 
         quantize_linears(weights, method=quant, group_size=group_size, head=False)
     if rows_hint is not None and packing_available(dtype, device):
-        pack_linears(weights, rows_hint=rows_hint)
+        pack_linears(weights, rows_hint=rows_hint, compiled=compiled)
     return weights

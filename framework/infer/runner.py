@@ -122,8 +122,9 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
         fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch, max_len)
     wanted = max(1, min(max_batch, n_requests))
     rows_hint = -(-wanted // lanes) if inf.packed_weights else None
+    compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
     weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
-                         rows_hint=rows_hint, tp=tp, tp_rank=tp_rank)
+                         rows_hint=rows_hint, tp=tp, tp_rank=tp_rank, compiled=compile_decode)
     slots = min(fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch,
                           max_len), wanted)
     if pp * tp > 1:
@@ -131,7 +132,6 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
         dist.all_gather_object(box, slots)
         slots = min(box)
     cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
-    compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
     tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg)
     capacity = StepPlan.capacity(slots, inf.prefill_chunk)

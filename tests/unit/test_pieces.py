@@ -142,3 +142,18 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     small = StageWeights(Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval())
     assert pack_linears(small, rows_hint=8) == 0  # the packed kernel's cost a call would outweigh its gain
+
+
+def test_row_dot_linear_compiled_matches_f_linear():
+    """The one-row layout for a compiled decode step computes F.linear, inside and outside the graph."""
+    from framework.infer.cpu_linear import RowDotLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    row = RowDotLinear(lin)
+    x = torch.randn(1, 64)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(row)(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(row(torch.randn(5, 64)).shape, torch.Size([5, 48]))
+        torch.testing.assert_close(row(x), want)
