@@ -134,6 +134,7 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
     tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg)
+    worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
     capacity = StepPlan.capacity(slots, inf.prefill_chunk)
     transport = Transport(rank, pp, device, capacity, args.dim, dtype, tp=tp) if pp > 1 else None
     sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None

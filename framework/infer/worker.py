@@ -253,6 +253,19 @@ class StageWorker:
         self.busy_s += time.perf_counter() - t0
         return out
 
+    def warm_up(self, rows: int) -> None:
+        """Compile the decode step at load, for ``rows`` rows (on the scratch slot), so that the first request
+        does not pay for it. Every tp rank of a stage calls it together (the graph holds the all-reduce)."""
+        if not self.compiled:
+            return
+        from framework.infer.scheduler import StepPlan
+
+        plan = StepPlan(dec_slots=[self.cache.scratch] * rows, dec_pos=[0] * rows, tokens=[0] * rows)
+        x = (torch.zeros(rows, dtype=torch.long, device=self.device) if self.first
+             else torch.zeros(rows, self.w.args.dim, dtype=self.dtype, device=self.device))
+        self.step(plan, x)  # as a real step calls it: x made outside inference mode (a guard of the graph)
+        self.busy_s = 0.0
+
     def _decode_only(self, plan, x: torch.Tensor) -> torch.Tensor:
         n = len(plan.dec_slots)
         slots, pos = list(plan.dec_slots), list(plan.dec_pos)
@@ -265,7 +278,7 @@ class StageWorker:
         win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
         t_slots = torch.tensor(slots, device=self.device)
         t_pos = torch.tensor(pos, device=self.device)
-        masked = padded > 1 or win != pos[0] + 1
+        masked = self.compiled or padded > 1 or win != pos[0] + 1  # compiled: one graph whatever the row's length
         block = None if self.compiled else contiguous_block(slots)
         if block is not None:  # eager, slots in one block: views of the cache
             out = self._decode_step(x, t_slots, t_pos, win, masked, block)
