@@ -61,10 +61,11 @@ class KVCache:
 
 
 class SlotPool:
-    """Free slots, lowest first (a compact set of used slots keeps the cache's hot part small)."""
+    """Free slots, lowest first: the rows of a lane then sit in consecutive slots, whose cache a decode step reads
+    as one view instead of gathering it."""
 
-    def __init__(self, n: int):
-        self.free = list(range(n - 1, -1, -1))
+    def __init__(self, slots: range | list[int]):
+        self.free = sorted(slots, reverse=True)
 
     def take(self) -> int | None:
         return self.free.pop() if self.free else None

@@ -173,9 +173,11 @@ class Scheduler:
                  policy: str = "continuous"):
         if policy not in ("continuous", "static"):
             raise ValueError(f"unknown scheduling policy {policy}")
-        self.pool = SlotPool(n_slots)
         self.lanes: list[list[Sequence]] = [[] for _ in range(n_lanes)]
         self.lane_cap = -(-n_slots // n_lanes)
+        # each lane owns a block of slots, so its rows stay in consecutive slots
+        self.pools = [SlotPool(range(min(i * self.lane_cap, n_slots), min((i + 1) * self.lane_cap, n_slots)))
+                      for i in range(n_lanes)]
         self.in_flight = [False] * n_lanes
         self.waiting: deque[Request] = deque()
         self.prefill_chunk, self.eos_id, self.tokenizer, self.policy = prefill_chunk, eos_id, tokenizer, policy
@@ -206,7 +208,7 @@ class Scheduler:
         for s in self.lanes[lane]:
             if s.cancelled and s.finish_reason is None:
                 s.finish_reason, s.t_done = "abort", now
-                self.pool.give(s.slot)
+                self.pools[s.lane].give(s.slot)
                 if self.on_finish:
                     self.on_finish(s)
         self.lanes[lane] = [s for s in self.lanes[lane] if s.finish_reason is None]
@@ -218,8 +220,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or self.running > 0
 
+    @property
+    def free_slots(self) -> int:
+        return sum(len(p) for p in self.pools)
+
     def _can_admit(self, lane: int) -> bool:
-        if not self.waiting or not len(self.pool) or len(self.lanes[lane]) >= self.lane_cap:
+        if not self.waiting or not len(self.pools[lane]):
             return False
         return self.policy == "continuous" or self.running == 0  # static: a new group once everything left
 
@@ -245,7 +251,7 @@ class Scheduler:
         while self.policy == "continuous" and budget > sum(
                 s.prompt_len - s.prefilled for s in seqs if s.prefilled < s.prompt_len) and self._can_admit(lane):
             req = self.waiting.popleft()
-            seq = Sequence(req, self.pool.take(), lane)
+            seq = Sequence(req, self.pools[lane].take(), lane)
             seqs.append(seq)
         for s in sorted(seqs, key=lambda s: s.slot):  # decode rows (prompt done, last token back), by slot: rows
             if s.prefilled == s.prompt_len:  # in consecutive slots read their cache as one view
@@ -270,10 +276,10 @@ class Scheduler:
 
     def _admit_static_group(self) -> None:
         """Static batching (the baseline): the next group of requests, spread over the lanes, all at once."""
-        lane = 0
-        while self.waiting and len(self.pool):
-            self.lanes[lane].append(Sequence(self.waiting.popleft(), self.pool.take(), lane))
-            lane = (lane + 1) % len(self.lanes)
+        while self.waiting and self.free_slots:
+            for lane, pool in enumerate(self.pools):
+                if self.waiting and len(pool):
+                    self.lanes[lane].append(Sequence(self.waiting.popleft(), pool.take(), lane))
 
     def complete(self, plan: StepPlan, tokens: list[int]) -> None:
         """The lane's step came back with one sampled token per sampled row (plan order)."""
@@ -309,6 +315,6 @@ class Scheduler:
             self.on_token(seq)
         if seq.finish_reason is not None:
             seq.t_done = now
-            self.pool.give(seq.slot)
+            self.pools[seq.lane].give(seq.slot)
             if self.on_finish:
                 self.on_finish(seq)

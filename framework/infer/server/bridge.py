@@ -108,7 +108,7 @@ class EngineBridge:
         False (stop once the work held is done) when draining and idle."""
         self.flush()
         s = self.sched
-        self.metrics.observe_engine(s.running, len(s.waiting), len(s.pool))
+        self.metrics.observe_engine(s.running, len(s.waiting), s.free_slots)
         took, first = False, True
         while True:
             try:
@@ -128,7 +128,7 @@ class EngineBridge:
                 if self.sched.cancel(x) and was_waiting:  # gone at once: no finish callback comes for it
                     self._events.append(("aborted", x))
         if took:
-            self.metrics.observe_engine(s.running, len(s.waiting), len(s.pool))
+            self.metrics.observe_engine(s.running, len(s.waiting), s.free_slots)
             self.flush()
         return not (self.draining and idle and not took and not s.has_work())
 
