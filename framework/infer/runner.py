@@ -141,7 +141,7 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     scheduler = None
     if rank == 0:
         scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_id=tokenizer.eos_token_id, tokenizer=tokenizer,
-                              policy=inf.scheduler)
+                              policy=inf.scheduler, max_len=max_len)
     ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "

@@ -170,7 +170,7 @@ class Scheduler:
     """Which sequences run in each lane's next step (stage 0 only)."""
 
     def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_id: int | None = None, tokenizer=None,
-                 policy: str = "continuous"):
+                 policy: str = "continuous", max_len: int = 1 << 30):
         if policy not in ("continuous", "static"):
             raise ValueError(f"unknown scheduling policy {policy}")
         self.lanes: list[list[Sequence]] = [[] for _ in range(n_lanes)]
@@ -181,6 +181,7 @@ class Scheduler:
         self.in_flight = [False] * n_lanes
         self.waiting: deque[Request] = deque()
         self.prefill_chunk, self.eos_id, self.tokenizer, self.policy = prefill_chunk, eos_id, tokenizer, policy
+        self.max_len = max_len
         self._next = 0
         self.on_finish = None  # callback(seq) for front ends (progress bars, streaming)
         self.on_token = None  # callback(seq) after each new token
@@ -256,7 +257,8 @@ class Scheduler:
         for s in sorted(seqs, key=lambda s: s.slot):  # decode rows (prompt done, last token back), by slot: rows
             if s.prefilled == s.prompt_len:  # in consecutive slots read their cache as one view
                 plan.dec_slots.append(s.slot)
-                plan.dec_pos.append(s.prompt_len + len(s.generated) - 1)
+                # a finished row of a static group keeps being computed (its tokens dropped) at its last position
+                plan.dec_pos.append(min(s.prompt_len + len(s.generated) - 1, self.max_len - 1))
                 plan.tokens.append(s.generated[-1])
         for s in seqs:  # prompt chunks, oldest first, within the budget
             if s.prefilled < s.prompt_len and budget > 0:
@@ -287,13 +289,23 @@ class Scheduler:
         seqs = {s.slot: s for s in self.lanes[plan.lane]}
         it = iter(tokens)
         for slot in plan.dec_slots:
-            self._append(seqs[slot], next(it), now)
+            tok = next(it)
+            if seqs[slot].finish_reason is None:
+                self._append(seqs[slot], tok, now)
         for (slot, start, length), s in zip(plan.segs, plan.seg_sample):
             seq = seqs[slot]
             seq.prefilled = start + length
             if s:
                 self._append(seq, next(it), now)
-        self.lanes[plan.lane] = [s for s in self.lanes[plan.lane] if s.finish_reason is None]
+        if self.policy == "static":  # the group leaves together, once its slowest row is done
+            if all(s.finish_reason is not None for lane in self.lanes for s in lane) and not any(
+                    f for i, f in enumerate(self.in_flight) if i != plan.lane):
+                for i, lane in enumerate(self.lanes):
+                    for s in lane:
+                        self.pools[i].give(s.slot)
+                    self.lanes[i] = []
+        else:
+            self.lanes[plan.lane] = [s for s in self.lanes[plan.lane] if s.finish_reason is None]
         self._drop_cancelled(plan.lane)
         self.in_flight[plan.lane] = False
 
@@ -315,6 +327,7 @@ class Scheduler:
             self.on_token(seq)
         if seq.finish_reason is not None:
             seq.t_done = now
-            self.pools[seq.lane].give(seq.slot)
+            if self.policy == "continuous":
+                self.pools[seq.lane].give(seq.slot)
             if self.on_finish:
                 self.on_finish(seq)

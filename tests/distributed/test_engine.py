@@ -85,3 +85,13 @@ def test_compiled_decode_equals_eager(model, tmp_path):
     eager = run(path, tmp_path, reqs, 1)
     compiled = run(path, tmp_path, reqs, 1, "infer.compile=true", tp=2)
     assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager]
+
+
+def test_static_baseline_gives_the_same_tokens(model, tmp_path):
+    """infer.scheduler=static (the benchmark's baseline: groups that wait for their slowest row, finished rows
+    still computed) answers every request as continuous batching does."""
+    path, _, tok = model
+    reqs = mixed_requests(tok, n=8, seed=2)
+    continuous = run(path, tmp_path, reqs, 1, "infer.max_batch=3")
+    static = run(path, tmp_path, reqs, 2, "infer.max_batch=3", "infer.scheduler=static")
+    assert [r["token_ids"] for r in static] == [r["token_ids"] for r in continuous]
