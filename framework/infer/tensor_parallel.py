@@ -90,12 +90,30 @@ class TPGroup:
         if self.tp == 1:
             return logits
         chunk = -(-self.vocab // self.tp)
+        if self.shm:  # the shared-memory op only sums: each rank fills its columns of a zero (n, V) table
+            full = logits.new_zeros(logits.shape[0], self.vocab)
+            start = self.tp_rank * chunk
+            full[:, start: start + logits.shape[-1]] = logits
+            return self.all_reduce(full)
         if logits.shape[-1] < chunk:  # the last rank's shorter chunk
             logits = F.pad(logits, (0, chunk - logits.shape[-1]))
         full = funcol.all_gather_tensor(logits.t().contiguous(), 0, self.group)  # (tp * chunk, n)
         return full[: self.vocab].t()
 
     def broadcast_plan(self, buf: torch.Tensor) -> torch.Tensor:
-        """Stage 0's tp rank 0 hands each step's plan to the other ranks of its stage."""
-        dist.broadcast(buf, src=self.leader, group=self.ctrl)
+        """Stage 0's tp rank 0 hands each step's plan (int64) to the other ranks of its stage. Through the
+        shared-memory op where it serves (a gloo broadcast costs a TCP round trip a step): the ints travel as
+        16-bit pieces in fp32, which a sum with the other ranks' zeros leaves exact."""
+        if not self.shm:
+            dist.broadcast(buf, src=self.leader, group=self.ctrl)
+            return buf
+        pieces = torch.zeros(buf.numel(), 4, dtype=torch.float32)
+        if self.tp_rank == 0:
+            for i in range(4):
+                pieces[:, i] = ((buf >> (16 * i)) & 0xFFFF).float()
+        pieces = torch.ops.deepspeed.inference_all_reduce(pieces)
+        out = torch.zeros_like(buf)
+        for i in range(4):
+            out |= pieces[:, i].long() << (16 * i)
+        buf.copy_(out)
         return buf
