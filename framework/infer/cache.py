@@ -24,8 +24,6 @@ def bytes_per_slot(n_layers: int, kv_heads: int, head_dim: int, max_len: int, dt
 
 def fit_slots(budget_bytes: float, per_slot: int, max_batch: int, max_len: int) -> int:
     """Slots that fit the budget, at most max_batch; one line naming the fix when not even one fits."""
-    if max_batch < 1:
-        raise UserError(f"infer.max_batch={max_batch}: at least one running sequence is needed (e.g. 256)")
     fits = int(budget_bytes // max(per_slot, 1)) - 1  # the scratch slot is paid too
     if fits < 1:
         raise UserError(f"the KV cache budget ({budget_bytes / 2**30:.3g} GiB a stage) holds no sequence of {max_len} "

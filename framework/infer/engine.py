@@ -16,7 +16,6 @@ import torch
 
 from framework.infer.sampler import Sampler
 from framework.infer.scheduler import STOP, Scheduler, StepPlan
-from framework.infer.tensor_parallel import TPGroup
 from framework.infer.transport import Transport
 from framework.infer.worker import StageWorker
 
@@ -24,10 +23,10 @@ from framework.infer.worker import StageWorker
 class Engine:
     def __init__(self, worker: StageWorker, rank: int, pp: int, device: torch.device, plan_capacity: int,
                  sampler: Sampler | None = None, scheduler: Scheduler | None = None,
-                 transport: Transport | None = None, tp: TPGroup | None = None):
+                 transport: Transport | None = None):
         self.worker, self.rank, self.pp, self.device = worker, rank, pp, device
         self.sampler, self.scheduler, self.transport = sampler, scheduler, transport
-        self.tp = tp or worker.tp
+        self.tp = worker.tp
         self.capacity = plan_capacity
         self.stage = rank // self.tp.tp
         self.first, self.last = self.stage == 0, self.stage == pp - 1

@@ -118,15 +118,17 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     lanes = inf.micro_batches or pp
     kv_heads = args.kv_heads // tp
     per_slot = bytes_per_slot(len(stage.layers), kv_heads, args.head_dim, max_len, dtype)
-    if device.type == "cpu":  # refused before any weight is read
-        fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch, max_len)
+    def fitting_slots() -> int:
+        budget = kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization)
+        return fit_slots(budget, per_slot, max_batch, max_len)
+
+    slots = fitting_slots() if device.type == "cpu" else None  # on CPU refused before any weight is read
     wanted = max(1, min(max_batch, n_requests))
     rows_hint = -(-wanted // lanes) if inf.packed_weights else None
     compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
     weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
                          rows_hint=rows_hint, tp=tp, tp_rank=tp_rank, compiled=compile_decode)
-    slots = min(fit_slots(kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization), per_slot, max_batch,
-                          max_len), wanted)
+    slots = min(slots if slots is not None else fitting_slots(), wanted)  # CUDA: what the weights left free
     if pp * tp > 1:
         box = [None] * (pp * tp)
         dist.all_gather_object(box, slots)
@@ -146,8 +148,7 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
         f"tp all-reduce {ar}")
-    engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport,
-                    tp=tpg)
+    engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport)
     return engine, slots
 
 

@@ -82,7 +82,6 @@ class StageWeights(nn.Module):
         args = model.args
         self.args = args
         self.embed = model.model.embed_tokens
-        self.layer_keys = [int(k) for k in model.model.layers.keys()]
         self.layers = nn.ModuleList(InferLayer(layer, args.norm_eps) for layer in model.model.layers.values())
         self.norm = RMSNormW(model.model.norm.weight.detach(), args.norm_eps) if model.model.norm is not None else None
         self.lm_head = model.lm_head
