@@ -17,30 +17,56 @@ Functional collectives keep the decode step traceable by ``torch.compile``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from framework.parallel.distributed import broadcast_object
+
 
 def load_shm_allreduce(dtype: torch.dtype) -> bool:
-    """Build (cached after the first time) and initialise DeepSpeed's shared-memory CPU all-reduce; False where
-    it is unavailable or this CPU lacks the vector kernels for ``dtype``."""
+    """Build (cached after the first time) and initialise DeepSpeed's shared-memory CPU all-reduce on every rank;
+    False on every rank where any rank cannot (no compiler, another node, no vector kernels for ``dtype``).
+
+    The op names its shared-memory segments after MASTER_ADDR and MASTER_PORT and never removes them, so a later
+    job on the same port would open a stale segment. Each job gets its own name (a token in place of the port,
+    agreed over the process group), and each rank unlinks its segment once every rank has mapped it."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    token = broadcast_object(uuid.uuid4().hex[:16])
+    mod, ok = None, False
     try:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         mod = ShareMemCommBuilder().load(verbose=False)
-        # the op takes the ranks of one node from LOCAL_SIZE (the deepspeed launcher's name); torchrun says
-        # LOCAL_WORLD_SIZE
-        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size())))
-        if int(os.environ["LOCAL_SIZE"]) != dist.get_world_size():
-            return False
-        mod.initialize(dist.get_world_size(), dist.get_rank())
-        return mod.vector_kernel_level() >= (1 if dtype == torch.float32 else 2)
-    except Exception:  # no compiler, no deepspeed op: gloo serves
+        # the ranks of one node: LOCAL_SIZE for the deepspeed launcher, LOCAL_WORLD_SIZE for torchrun
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        ok = local == world and mod.vector_kernel_level() >= (1 if dtype == torch.float32 else 2)
+    except Exception:  # no compiler, no deepspeed op: the backend serves
+        ok = False
+    votes = [None] * world
+    dist.all_gather_object(votes, ok)
+    if not all(votes):  # initialise only where every rank can: a rank alone would wait for its peers' segments
         return False
+    os.environ["LOCAL_SIZE"] = str(world)
+    port = os.environ.get("MASTER_PORT")
+    os.environ["MASTER_PORT"] = f"miaotui{token}"
+    try:
+        mod.initialize(world, rank)
+    finally:
+        if port is None:
+            os.environ.pop("MASTER_PORT")
+        else:
+            os.environ["MASTER_PORT"] = port
+    dist.barrier()  # every rank has mapped every segment: the names can go
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_miaotui{token}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
+    return True
 
 
 class TPGroup:
