@@ -39,7 +39,7 @@ def worker(a) -> None:
     import framework.config  # noqa: F401  registers the schemas
     from framework.cli import CONFIG_DIR
     from framework.models.llama import build_model
-    from framework.parallel.distributed import init_distributed, pick_device
+    from framework.parallel.distributed import destroy, init_distributed, pick_device
     from framework.parallel.parallelize import parallelize, quiet_deepspeed
     from framework.parallel.topology import build_topology
     from framework.trainer.evaluate import lm_loss
@@ -89,6 +89,7 @@ def worker(a) -> None:
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         with open(a.out, "w") as f:
             json.dump(out, f)
+    destroy()
 
 
 def main() -> None:
