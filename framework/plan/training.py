@@ -2,8 +2,10 @@
 
 Memory follows what DeepSpeed allocates for each ZeRO stage and precision (``parallel/parallelize.py`` builds the
 config: default buckets, ``stage3_param_persistence_threshold`` 0), and what this model saves for backward
-(``models/llama.py``, counted tensor by tensor below). Time is a roofline: matrix products at the device's GEMM
-efficiency, causal flash attention at its own, element-wise work at HBM bandwidth, the optimizer step at HBM
+(``models/llama.py``, counted tensor by tensor below). The peak is what persists plus the largest of three
+transients: the backward pass (saved activations, logits, ZeRO 3's gathered weights), ZeRO 3's gradient
+reduce-scatter at the end of backward, and the optimizer step. Time is a roofline: matrix products at the device's
+GEMM efficiency, causal flash attention at its own, element-wise work at HBM bandwidth, the optimizer step at HBM
 bandwidth, tensor-parallel all-reduces on the critical path, data-parallel collectives overlapped with compute
 up to its length.
 """
@@ -16,12 +18,14 @@ from framework.models.llama import ModelArgs
 from framework.plan.devices import Device
 
 GiB = 2**30
-# DeepSpeed defaults the engine runs with (zero_optimization): buckets in elements.
+# DeepSpeed defaults the engine runs with (zero_optimization), in elements: reduce_bucket_size, sub_group_size,
+# stage3_max_reuse_distance.
 REDUCE_BUCKET = 500_000_000
 SUB_GROUP = 1_000_000_000
-MAX_LIVE = 1_000_000_000
+MAX_REUSE = 1_000_000_000
 PERSISTENT = ("weights", "gradients", "optimizer", "master", "comm_buffers", "runtime")
-BACKWARD = ("activations", "logits")
+BACKWARD = ("gathered_weights", "gradient_bucket", "activations", "logits")
+REDUCE = ("reduce_scatter_copy", "collective_workspace", "gathered_at_reduce")
 STEP = ("step_fp32_gradients", "step_optimizer_workspace")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -38,7 +42,9 @@ class Layout:
     activation_checkpointing: bool
     gpus_per_node: int = 8
     flash_attention: bool = True
-    """False where SDPA runs its math path and saves the (T, T) probabilities (CPU with grouped-query heads)."""
+    """False where SDPA runs its math path and saves the (T, T) probabilities."""
+    backend: str = "nccl"
+    """The collective backend: gloo's reduce-scatter copies its input (CPU runs), NCCL's works in place."""
 
     @property
     def dp(self) -> int:
@@ -63,31 +69,68 @@ def params_per_rank(args: ModelArgs, tp: int) -> tuple[int, int]:
 
 
 def model_states(args: ModelArgs, lay: Layout, fused_optimizer: bool = True) -> dict[str, float]:
-    """Bytes per device of weights, gradients, optimizer state, DeepSpeed's buffers, and the two transients of the
-    optimizer step (fp32 gradients, AdamW's workspace)."""
+    """Bytes per device of weights, gradients, optimizer state and DeepSpeed's buffers; of ZeRO 3's transients
+    (gathered weights, the gradient reduce-scatter's copies); and of the two transients of the optimizer step (fp32
+    gradients, AdamW's workspace)."""
     p, largest = params_per_rank(args, lay.tp)
     e, dp, z = BYTES[lay.precision], lay.dp, lay.zero_stage
     part = p / dp if z >= 1 else p
+    bucket = min(REDUCE_BUCKET, p)
+    if z == 3:
+        # DeepSpeed 0.19 stage3.py, with the config parallelize.py passes
+        states = {
+            # lp_param_buffer: this rank's partition of every parameter, in the compute dtype
+            "weights": e * part,
+            # grad_partitions_flat_buffer: the partition of the averaged gradients (grad_accum_dtype: the compute
+            # dtype unless configured)
+            "gradients": e * part,
+            "optimizer": 8 * part,
+            # fp32_partitioned_groups_flat: the fp32 master partition, its own copy even when training in fp32
+            "master": 4 * part,
+            # the ipg bucket (contiguous_gradients), allocated once: every full gradient of this rank is copied into
+            # it until it fills (reduce_bucket_size) or backward ends; its resident part
+            "comm_buffers": e * bucket,
+            "gradient_bucket": 0.0,
+            # parameters gathered for compute: from the second step on (the trace complete) a parameter stays
+            # gathered after its forward use when its backward use lies within stage3_max_reuse_distance elements of
+            # the trace, which is every parameter of a model up to half that; at least two layers (the one computed
+            # and the one prefetched)
+            "gathered_weights": e * max(2 * largest, min(p, MAX_REUSE / 2)),
+            # reduce_scatter_coalesced concatenates the bucket's gradients, interleaved by rank, into a new buffer
+            "reduce_scatter_copy": e * bucket,
+            # gloo's reduce_scatter_tensor works on a clone of its input; NCCL's needs none
+            "collective_workspace": e * bucket if lay.backend == "gloo" else 0.0,
+            # the first module of the forward (the embedding) is the last of the backward: still gathered when the
+            # bucket is reduced at its end
+            "gathered_at_reduce": e * largest,
+        }
+    else:
+        states = {
+            "weights": e * p,
+            # the compute-dtype gradients: all of them (ZeRO 0); the parameters' .grad and the averaged partition
+            # (ZeRO 1, reduced at the accumulation boundary); the partition only (ZeRO 2)
+            "gradients": e * {0: p, 1: p + p / dp, 2: p / dp}[z],
+            # AdamW's two moments in fp32, partitioned from ZeRO 1 on
+            "optimizer": 8 * part,
+            # fp32 master weights: DeepSpeed's ZeRO and its bf16/fp16 optimizers copy the weights in fp32 (also in
+            # fp32 training from ZeRO 1 on); at ZeRO 0 in fp32 the weights are their own master
+            "master": 4 * part if (z >= 1 or e != 4) else 0.0,
+            "comm_buffers": 0.0,
+            # the contiguous gradient bucket of the backward pass (reduce_bucket_size), allocated anew each
+            # micro-step and gone by the optimizer step (ZeRO 1/2: setup_buckets; ZeRO 0's all-reduce flattens the
+            # gradients into one)
+            "gradient_bucket": e * bucket,
+            **dict.fromkeys(("gathered_weights", *REDUCE), 0.0),
+        }
     return {
-        # ZeRO 3 partitions the weights and gathers the layers it computes: up to stage3_max_live_parameters of
-        # them, at least the current and the prefetched layer
-        "weights": e * (p / dp + max(2 * largest, min(MAX_LIVE, p))) if z == 3 else e * p,
-        # the compute-dtype gradients: all of them (ZeRO 0); the parameters' .grad and the averaged partition
-        # (ZeRO 1, reduced at the accumulation boundary); the partition only (ZeRO 2, ZeRO 3's flat buffer)
-        "gradients": e * {0: p, 1: p + p / dp, 2: p / dp, 3: p / dp}[z],
-        # AdamW's two moments in fp32, partitioned from ZeRO 1 on
-        "optimizer": 8 * part,
-        # fp32 master weights: DeepSpeed's ZeRO and its bf16/fp16 optimizers copy the weights in fp32 (also in fp32
-        # training from ZeRO 1 on); at ZeRO 0 in fp32 the weights are their own master
-        "master": 4 * part if (z >= 1 or e != 4) else 0.0,
-        # the contiguous gradient bucket (reduce_bucket_size; ZeRO 0's all-reduce flattens into one too)
-        "comm_buffers": e * min(REDUCE_BUCKET, p),
+        **states,
         # step: fp32 gradients the optimizer reads (the flattened partition at ZeRO 1/2, one sub-group at a time at
         # ZeRO 3, the accumulation buffer of DeepSpeed's bf16/fp16 optimizer at ZeRO 0) ...
         "step_fp32_gradients": (4 * min(part, SUB_GROUP) if z == 3 else 4 * part if z >= 1 else
                                 (4 * p if e != 4 else 0.0)),
-        # ... and the temporaries of torch's multi-tensor AdamW (sqrt of the second moment): none when fused (CUDA)
-        "step_optimizer_workspace": 0.0 if fused_optimizer else 4 * part,
+        # ... and AdamW's temporaries: none when fused (CUDA); torch's single-tensor AdamW (CPU's default) builds
+        # the denominator as exp_avg_sq.sqrt() / bias_correction2_sqrt, two partition-sized tensors alive at once
+        "step_optimizer_workspace": 0.0 if fused_optimizer else 2 * 4 * part,
     }
 
 
@@ -128,12 +171,23 @@ class TrainPlan:
     layout: Layout
     memory: dict[str, float]
     time: dict[str, float] = field(default_factory=dict)
+    reduce_in_backward: bool = False
+    """ZeRO 3's bucket fills before backward ends (more gradients than reduce_bucket_size): it is reduce-scattered
+    while the activations and the gathered weights are still held."""
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """The transients of each phase of a step, which do not overlap."""
+        m = self.memory
+        backward = sum(m[k] for k in BACKWARD)
+        reduce = m["reduce_scatter_copy"] + m["collective_workspace"]
+        reduce += backward if self.reduce_in_backward else m["gathered_at_reduce"]
+        return {"backward": backward, "gradient_reduce": reduce, "step": sum(m[k] for k in STEP)}
 
     @property
     def total(self) -> float:
-        """The peak: what persists, plus the larger of the backward pass's and the optimizer step's transients."""
-        m = self.memory
-        return sum(m[k] for k in PERSISTENT) + max(sum(m[k] for k in BACKWARD), sum(m[k] for k in STEP))
+        """The peak: what persists, plus the largest phase's transients."""
+        return sum(self.memory[k] for k in PERSISTENT) + max(self.phases.values())
 
     @property
     def fits(self) -> bool:
@@ -191,6 +245,8 @@ def step_time(args: ModelArgs, lay: Layout, dev: Device) -> dict[str, float]:
 def plan_training(args: ModelArgs, lay: Layout, dev: Device, runtime_gib: float = 1.0,
                   fused_optimizer: bool = True) -> TrainPlan:
     """Memory per device (with ``runtime_gib`` for the CUDA context, NCCL and allocator slack; ``fused_optimizer``
-    False for CPU runs, whose AdamW is the multi-tensor one) and the step time."""
+    False for CPU runs, whose AdamW is torch's single-tensor one) and the step time."""
     memory = {**model_states(args, lay, fused_optimizer), **activations(args, lay), "runtime": runtime_gib * GiB}
-    return TrainPlan(dev, lay, memory, step_time(args, lay, dev))
+    p = params_per_rank(args, lay.tp)[0]
+    return TrainPlan(dev, lay, memory, step_time(args, lay, dev),
+                     reduce_in_backward=lay.zero_stage == 3 and p > REDUCE_BUCKET)
