@@ -139,13 +139,20 @@ class UniversalReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         fname = self.weight_map.get(name)
         if fname is None:
             raise UserError(f"{self.dir} has no tensor '{name}': the checkpoint is of another model")
         if fname not in self._files:
             self._files[fname] = safe_open(os.path.join(self.dir, fname), "pt", device="cpu")
-        return self._files[fname].get_tensor(name)
+        return self._files[fname]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """The tensor as a safetensors slice: ``get_shape()``, and ``[a:b]`` / ``[:, a:b]`` read only those."""
+        return self._file(name).get_slice(name)
 
 
 def load_universal_weights(model: torch.nn.Module, step_dir: str) -> None:

@@ -126,15 +126,16 @@ def weight_map(model_dir: str) -> dict[str, str]:
     raise UserError(f"no safetensors weights in {model_dir} (model.safetensors or an index): export the model first")
 
 
-def hf_tensor_reader(model_dir: str):
-    """``get(name)``: one tensor of a HF safetensors directory, memory-mapped (a tied model's missing
-    ``lm_head.weight`` is the embedding)."""
+def hf_slice_reader(model_dir: str):
+    """``get(name)``: one tensor of a HF safetensors directory as a memory-mapped safetensors slice (``get_shape()``;
+    indexing ``[a:b]`` or ``[:, a:b]`` reads only those rows or columns). A tied model's missing
+    ``lm_head.weight`` is the embedding."""
     from safetensors import safe_open
 
     wmap = weight_map(model_dir)
     files: dict[str, object] = {}
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str):
         source = name
         if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
             source = "model.embed_tokens.weight"
@@ -143,7 +144,7 @@ def hf_tensor_reader(model_dir: str):
         fname = wmap[source]
         if fname not in files:
             files[fname] = safe_open(os.path.join(model_dir, fname), "pt", device="cpu")
-        return files[fname].get_tensor(source)
+        return files[fname].get_slice(source)
 
     return get
 

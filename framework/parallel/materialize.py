@@ -1,17 +1,19 @@
-"""Build a model that need not fit one rank: under ZeRO 3 every rank holds only its partition from the start.
+"""Build a model that need not fit one rank: every rank materialises only what it keeps.
 
-The model is constructed inside ``deepspeed.zero.Init``: each module's parameters are partitioned across the
-data-parallel ranks as the module is created, so no rank ever holds more than one module whole. Each rank then
-writes its own partition of every parameter, from
+Under ZeRO 3 (tp 1) the model is constructed inside ``deepspeed.zero.Init``: each module's parameters are
+partitioned across the data-parallel ranks as the module is created, so no rank ever holds more than one module
+whole. Under tensor parallelism (AutoTP) the model is built on the meta device; DeepSpeed's AutoTP shards the meta
+tensors inside ``deepspeed.initialize`` (its own split: column-parallel layers by rows, row-parallel ones by
+columns, with the shard sizes it froze per layer), and each rank then materialises its shard of every sharded
+parameter and the whole of every replicated one (norms, embedding, head), before ZeRO sees the model.
+
+Either way each rank writes its own values from
 
 - the seeded initial stream: the same generator, drawn in the same order, as ``Llama.init_weights``, so the
-  weights are those of a single-process build at any dp (drawn a block of rows at a time, the rank's slice
-  kept);
+  weights are those of a single-process build at any layout (drawn a block of rows at a time, the rank's rows,
+  columns or partition kept);
 - or a checkpoint (``trainer.init_from``'s HF safetensors, a layout-changing resume's per-parameter state), read
-  memory-mapped one tensor at a time, the rank's slice kept.
-
-Tensor parallelism (AutoTP) shards inside ``deepspeed.initialize`` from whole weights, so with tp > 1 the model
-is still built whole on each rank first (see the README's limits).
+  memory-mapped through safetensors slices: only the rows (or columns) the rank keeps.
 """
 
 from __future__ import annotations
@@ -102,9 +104,21 @@ def _PartitionOnly(**kwargs):  # noqa: N802 - a class made on first use (DeepSpe
     return _partition_only_class()(**kwargs)
 
 
+def _rows_covering(sl, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The ``(offset, flat values)`` chunk of a safetensors slice's flattened tensor that covers [start, stop): only
+    the rows that hold it are read."""
+    shape = tuple(sl.get_shape())
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    r0, r1 = start // row, min(shape[0], -(-stop // row))
+    if r0 >= r1:
+        return iter(())
+    return iter([(r0 * row, sl[r0:r1].reshape(-1))])
+
+
 def build_partitioned(args: ModelArgs, ds_config: dict, topo: Topology, seed: int | None,
-                      weights: Callable[[str], torch.Tensor] | None = None) -> Llama:
-    """The model under ``deepspeed.zero.Init``, each rank's partitions written from ``seed`` or ``weights(name)``."""
+                      weights: Callable[[str], object] | None = None) -> Llama:
+    """The model under ``deepspeed.zero.Init``, each rank's partitions written from ``seed`` or from
+    ``weights(name)``, a safetensors slice of which only the rows covering the partition are read."""
 
     from framework.parallel.parallelize import init_deepspeed_comm
 
@@ -118,10 +132,9 @@ def build_partitioned(args: ModelArgs, ds_config: dict, topo: Topology, seed: in
     for name, p in model.named_parameters():  # init_weights' order: the same numbers at any dp
         shape = tuple(p.ds_shape)
         if weights is not None:
-            full = weights(name)
-            if tuple(full.shape) != shape:
-                raise UserError(f"shape mismatch for {name}: checkpoint {tuple(full.shape)} vs model {shape}")
-            chunks = iter([(0, full.reshape(-1))])
+            sl = weights(name)
+            check_shape(name, tuple(sl.get_shape()), shape)
+            chunks = _rows_covering(sl, *_partition_range(p))
         elif name.endswith("norm.weight"):
             chunks = iter([(0, torch.ones(math.prod(shape)))])
         elif name.endswith(".bias"):
@@ -131,3 +144,106 @@ def build_partitioned(args: ModelArgs, ds_config: dict, topo: Topology, seed: in
         set_partition(p, chunks)
     model.inv_freq = rope_inv_freq(args).to(model.inv_freq.device)
     return model
+
+
+def check_shape(name: str, saved: tuple[int, ...], model: tuple[int, ...]) -> None:
+    if saved != model:
+        raise UserError(f"shape mismatch for {name}: checkpoint {saved} vs model {model}")
+
+
+def build_meta(args: ModelArgs) -> Llama:
+    """The model on the meta device: shapes only, nothing allocated (AutoTP shards it, ``fill_tp_shards`` fills it)."""
+    with torch.device("meta"):
+        model = Llama(args)
+    model.tie_weights()
+    return model
+
+
+def tp_shards(model: torch.nn.Module) -> dict[str, tuple[int, int, int, tuple[int, ...]]]:
+    """``name -> (dim, start, size, full shape)`` of every parameter DeepSpeed's AutoTP sharded, read from the layers
+    it put in place: column-parallel ``LinearLayer`` splits weight and bias by rows, row-parallel ``LinearAllreduce``
+    splits the weight by columns (its bias is replicated), each into the sizes it froze for the layer
+    (``_partition_sizes``, heads kept whole), shard ``tp_index`` on this rank."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    shards = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, LinearAllreduce):
+            dims = {"weight": (1, m._orig_weight_shape)}
+        elif isinstance(m, LinearLayer):
+            dims = {"weight": (0, m._orig_weight_shape), "bias": (0, m._orig_bias_shape)}
+        else:
+            continue
+        sizes, r = tuple(m._partition_sizes), m.tp_index
+        for pname, (dim, full) in dims.items():
+            p = getattr(m, pname, None)
+            if p is None:
+                continue
+            if p.shape[dim] != sizes[r] or sum(sizes) != full[dim]:
+                raise RuntimeError(f"AutoTP's shard of {mname}.{pname} is {tuple(p.shape)}, not row/column block "
+                                   f"{r} of {sizes} of {tuple(full)} along dim {dim}")
+            shards[f"{mname}.{pname}"] = (dim, sum(sizes[:r]), sizes[r], tuple(full))
+    return shards
+
+
+def _drawn_shard(full: tuple[int, ...], dim: int, start: int, size: int, std: float,
+                 gen: torch.Generator | None) -> torch.Tensor:
+    """This rank's block of ``torch.empty(full).normal_(0, std, generator=gen)``, drawn a block of rows at a time."""
+    out_shape = list(full)
+    out_shape[dim] = size
+    out = torch.empty(out_shape)
+    row = math.prod(full[1:])
+    for offset, flat in normal_chunks(full, std, gen):
+        rows = flat.view(-1, *full[1:])  # (n, ...) rows offset // row on
+        r0 = offset // row
+        if dim == 0:
+            lo, hi = max(start, r0), min(start + size, r0 + rows.shape[0])
+            if lo < hi:
+                out[lo - start: hi - start] = rows[lo - r0: hi - r0]
+        else:
+            out[r0: r0 + rows.shape[0]] = rows.narrow(dim, start, size)
+    return out
+
+
+def _materialize(p: torch.nn.Parameter, value: torch.Tensor, owners: list[tuple[torch.nn.Module, str]]) -> None:
+    """Put a real parameter of ``value`` where meta parameter ``p`` was (every module that holds it: a tied head
+    shares the embedding's), with the attributes AutoTP set on it. (A meta tensor can take neither ``.data`` from
+    another device nor, with DeepSpeed's weak references on it, ``swap_tensors``.)"""
+    new = torch.nn.Parameter(value, requires_grad=p.requires_grad)
+    new.__dict__.update(p.__dict__)
+    for module, name in owners:
+        setattr(module, name, new)
+
+
+def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: int | None,
+                   weights: Callable[[str], object] | None = None) -> None:
+    """After AutoTP sharded the meta model: give every parameter this rank's values, the shard of a sharded one and
+    the whole of a replicated one, from ``seed`` (``init_weights``' stream, the single-process numbers) or from
+    ``weights(name)``, a safetensors slice of which only the shard's rows or columns are read."""
+    from deepspeed.utils.debug import debug_extract_module_and_param_names
+
+    shards = tp_shards(model)
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, q in module._parameters.items():
+            if q is not None:
+                owners.setdefault(id(q), []).append((module, pname))
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):  # init_weights' order: the same numbers at any tp
+            dim, start, size, full = shards.get(name, (None, 0, 0, tuple(p.shape)))
+            if weights is not None:
+                sl = weights(name)
+                check_shape(name, tuple(sl.get_shape()), full)
+                value = sl[:] if dim is None else sl[start: start + size] if dim == 0 else sl[:, start: start + size]
+            elif name.endswith("norm.weight"):
+                value = torch.ones(p.shape)
+            elif name.endswith(".bias"):
+                value = torch.zeros(p.shape)
+            elif dim is None:
+                value = torch.empty(full).normal_(0.0, args.init_std, generator=gen)
+            else:
+                value = _drawn_shard(full, dim, start, size, args.init_std, gen)
+            _materialize(p, value.to(device=device, dtype=torch.float32).contiguous(), owners[id(p)])
+    model.inv_freq = rope_inv_freq(args).to(device)
+    debug_extract_module_and_param_names(model)  # DeepSpeed's names of the parameters, now the real ones

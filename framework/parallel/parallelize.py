@@ -94,15 +94,42 @@ def init_deepspeed_comm(topo: Topology) -> None:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
+@contextlib.contextmanager
+def _after_autotp(model: torch.nn.Module, materialize: Callable[[torch.nn.Module], None]):
+    """Run ``materialize(model)`` inside ``deepspeed.initialize`` right after AutoTP has sharded ``model`` (built on
+    the meta device) and before ZeRO wraps it: DeepSpeed 0.19 shards in ``DeepSpeedEngine._configure_tensor_parallel``
+    (its AutoTP keeps meta tensors meta) and has no public hook there."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = getattr(DeepSpeedEngine, "_configure_tensor_parallel", None)
+    if original is None:
+        raise RuntimeError("this DeepSpeed has no DeepSpeedEngine._configure_tensor_parallel: tensor-parallel "
+                           "training needs DeepSpeed 0.18-0.19")
+
+    def configure(engine, module, tp_config):
+        sources = original(engine, module, tp_config)
+        if module is model:
+            materialize(module)
+        return sources
+
+    DeepSpeedEngine._configure_tensor_parallel = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_tensor_parallel = original
+
+
 def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: TrainerConfig, topo: Topology,
-                lr_lambda: Callable[[int], float]):
-    """Apply TP, activation checkpointing and ZeRO; returns the DeepSpeed engine."""
+                lr_lambda: Callable[[int], float], device: torch.device | None = None,
+                materialize: Callable[[torch.nn.Module], None] | None = None):
+    """Apply TP, activation checkpointing and ZeRO; returns the DeepSpeed engine. A model built on the meta device
+    (tp > 1) comes with ``materialize``, which gives each rank its shards once AutoTP has cut them."""
     import deepspeed
     from deepspeed.utils import groups
 
     init_deepspeed_comm(topo)
     # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
-    #    AutoTP then shards the matched parameters inside deepspeed.initialize.
+    #    AutoTP then shards the matched parameters inside deepspeed.initialize (and ``materialize`` fills them).
     if topo.tp > 1:
         groups._init_tp_mesh_device(tensor_model_parallel_size=topo.tp)
     # 2. Activation checkpointing, applied per decoder layer inside the model's forward.
@@ -110,17 +137,24 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     # 3. ZeRO.
     ds_config = build_deepspeed_config(parallel, trainer, topo)
     # torch's AdamW, handed to DeepSpeed (which wraps it for ZeRO): fused kernels on CUDA, and no JIT-built op to
-    # load in every process on CPU.
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, trainer.weight_decay), lr=trainer.lr,
-                                  betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, fused=on_cuda or None)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-        mpu=groups if topo.tp > 1 else None,
-    )
+    # load in every process on CPU. Made by DeepSpeed once the parameters exist (a meta model's are filled first).
+    on_cuda = (device or next(model.parameters()).device).type == "cuda"
+
+    def adamw(_):  # the groups of the parameters as they are then (materialize may have replaced them)
+        return torch.optim.AdamW(param_groups(model, trainer.weight_decay), lr=trainer.lr,
+                                 betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, fused=on_cuda or None)
+
+    with _after_autotp(model, materialize) if materialize else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=adamw,
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+            mpu=groups if topo.tp > 1 else None,
+        )
+    if any(p.is_meta for p in engine.module.parameters()):
+        raise RuntimeError("parameters left on the meta device after deepspeed.initialize: tp > 1 builds need "
+                           "DeepSpeed's AutoTP (parallel.tp > 1) to shard them")
     return engine
 
 

@@ -26,10 +26,10 @@ from framework.config import TrainConfig, TrainerConfig
 from framework.data.dataset import TokenData, cached_vocab_size, prepare_data
 from framework.data.loader import ShardedLoader
 from framework.data.sources import validate_data_config
-from framework.models.hf import from_hf_config, has_tokenizer, hf_tensor_reader, load_hf_weights, read_hf_config
+from framework.models.hf import from_hf_config, has_tokenizer, hf_slice_reader, load_hf_weights, read_hf_config
 from framework.models.llama import ModelArgs, build_model
 from framework.parallel.distributed import barrier, init_distributed, pick_device
-from framework.parallel.materialize import build_partitioned, builds_partitioned
+from framework.parallel.materialize import build_meta, build_partitioned, builds_partitioned, fill_tp_shards
 from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate, lm_loss
@@ -273,30 +273,35 @@ def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
 
 
 def build_engine(job: Job, args: ModelArgs):
-    """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism. Under ZeRO 3
-    (tp 1) each rank builds and fills only its partitions (parallel/materialize.py); otherwise the whole model is
-    built on every rank and DeepSpeed shards it."""
-    cfg, t = job.cfg, job.cfg.trainer
+    """The model, its starting weights (a layout-changing resume's or init_from's) and the parallelism. Each rank
+    materialises only what it keeps (parallel/materialize.py): under ZeRO 3 (tp 1) its partitions, under tensor
+    parallelism its shards (built on the meta device, filled once AutoTP has cut them); otherwise the whole model
+    is built on every rank and DeepSpeed shards it."""
+    cfg, t, topo = job.cfg, job.cfg.trainer, job.topo
     # what the process held before the model: peak_mem_gb minus this is the model's, the planner's subject
     job.timings["base_mem_gb"] = current_memory_gb(job.device)
-    weights, source = None, None
+    slices, source = None, None  # name -> safetensors slice of the full tensor
     if job.from_universal:
-        weights, source = UniversalReader(job.resume_from).get, None
+        slices = UniversalReader(job.resume_from).get_slice
     elif t.init_from:
-        weights, source = hf_tensor_reader(t.init_from), t.init_from
-    if builds_partitioned(cfg.parallel, job.topo):
-        model = build_partitioned(args, build_deepspeed_config(cfg.parallel, t, job.topo), job.topo, cfg.seed,
-                                  weights)
+        slices, source = hf_slice_reader(t.init_from), t.init_from
+    materialize = None
+    if builds_partitioned(cfg.parallel, topo):
+        model = build_partitioned(args, build_deepspeed_config(cfg.parallel, t, topo), topo, cfg.seed, slices)
+    elif topo.tp > 1:
+        model = build_meta(args)
+        materialize = lambda m: fill_tp_shards(m, args, job.device, cfg.seed, slices)
     else:
         model = build_model(args, device=job.device, seed=cfg.seed)
-        if weights is not None and source is None:
+        if job.from_universal:
             load_universal_weights(model, job.resume_from)
-        elif weights is not None:
+        elif source:
             load_hf_weights(model, source)
     if source:
         job.log(f"[miaotui] initialised from {source}")
-    return parallelize(model, cfg.parallel, t, job.topo,
-                       lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    return parallelize(model, cfg.parallel, t, topo,
+                       lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio), device=job.device,
+                       materialize=materialize)
 
 
 def restore(job: Job, engine, loader: ShardedLoader) -> tuple[int, int]:

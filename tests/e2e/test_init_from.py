@@ -21,14 +21,18 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-def test_init_from_takes_weights_shape_and_tokenizer_from_the_hf_directory(hf_dir, tmp_path):
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"]), (2, ["parallel.zero_stage=3"])],
+                         ids=["one", "tp2", "zero3-dp2"])
+def test_init_from_takes_weights_shape_and_tokenizer_from_the_hf_directory(hf_dir, tmp_path, nproc, layout):
+    """Also where each rank reads only its slice of every tensor: its tensor-parallel shards, its ZeRO-3 rows."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     # the flavor (debug: dim 64, ffn 192) is not the HF model's (ffn 128, vocab ~300): the HF config wins
     args = [a for a in TINY_TRAIN if a != "checkpoint.export=false"]
     proc = run_module("framework.train", [*args, f"run_dir={tmp_path}", f"trainer.init_from={hf_dir}",
-                                          "trainer.max_steps=2", "trainer.lr=0", "trainer.weight_decay=0"])
+                                          "trainer.max_steps=2", "trainer.lr=0", "trainer.weight_decay=0", *layout],
+                      nproc=nproc)
     assert_ok(proc)
     ours, theirs = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer")), AutoTokenizer.from_pretrained(str(hf_dir))
     assert ours.get_vocab() == theirs.get_vocab()
