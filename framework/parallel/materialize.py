@@ -186,22 +186,33 @@ def tp_shards(model: torch.nn.Module) -> dict[str, tuple[int, int, int, tuple[in
     return shards
 
 
-def _drawn_shard(full: tuple[int, ...], dim: int, start: int, size: int, std: float,
-                 gen: torch.Generator | None) -> torch.Tensor:
-    """This rank's block of ``torch.empty(full).normal_(0, std, generator=gen)``, drawn a block of rows at a time."""
-    out_shape = list(full)
-    out_shape[dim] = size
-    out = torch.empty(out_shape)
+def _drawn_shard(full: tuple[int, ...], dim: int, start: int, size: int, std: float, gen: torch.Generator | None,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    """This rank's block of ``torch.empty(full).normal_(0, std, generator=gen)``, along ``dim`` from ``start``.
+
+    Drawn in blocks of whole rows (the same numbers as one draw when a row holds a multiple of 16 values, see
+    ``normal_chunks``): a row-sharded weight's own rows straight into the shard, every other block into ``scratch``
+    (reused, so that no transient buffers are freed between the long-lived shards: glibc's heap would keep the
+    holes)."""
     row = math.prod(full[1:])
-    for offset, flat in normal_chunks(full, std, gen):
-        rows = flat.view(-1, *full[1:])  # (n, ...) rows offset // row on
-        r0 = offset // row
-        if dim == 0:
-            lo, hi = max(start, r0), min(start + size, r0 + rows.shape[0])
-            if lo < hi:
-                out[lo - start: hi - start] = rows[lo - r0: hi - r0]
+    if row % 16 or len(full) < 2:
+        return torch.empty(full).normal_(0.0, std, generator=gen).narrow(dim, start, size).clone()
+    shape = list(full)
+    shape[dim] = size
+    out = torch.empty(shape)
+    per_block = max(1, scratch.numel() // row)
+    r = 0
+    while r < full[0]:
+        if dim == 0 and start <= r < start + size:
+            n = start + size - r
+            out[r - start: r - start + n].normal_(0.0, std, generator=gen)
         else:
-            out[r0: r0 + rows.shape[0]] = rows.narrow(dim, start, size)
+            stop = start if dim == 0 and r < start else full[0]
+            n = min(per_block, stop - r)
+            block = scratch[: n * row].view(n, *full[1:]).normal_(0.0, std, generator=gen)
+            if dim != 0:
+                out[r: r + n] = block.narrow(dim, start, size)
+        r += n
     return out
 
 
@@ -229,6 +240,7 @@ def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: in
             if q is not None:
                 owners.setdefault(id(q), []).append((module, pname))
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    scratch = torch.empty(1 << 22)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):  # init_weights' order: the same numbers at any tp
             dim, start, size, full = shards.get(name, (None, 0, 0, tuple(p.shape)))
@@ -243,7 +255,7 @@ def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: in
             elif dim is None:
                 value = torch.empty(full).normal_(0.0, args.init_std, generator=gen)
             else:
-                value = _drawn_shard(full, dim, start, size, args.init_std, gen)
+                value = _drawn_shard(full, dim, start, size, args.init_std, gen, scratch)
             _materialize(p, value.to(device=device, dtype=torch.float32).contiguous(), owners[id(p)])
     model.inv_freq = rope_inv_freq(args).to(device)
     debug_extract_module_and_param_names(model)  # DeepSpeed's names of the parameters, now the real ones

@@ -24,19 +24,18 @@ def test_row_blocks_draw_the_same_numbers_as_one_draw(shape, chunk):
 @pytest.mark.parametrize("dim,start,size", [(0, 96, 96), (0, 0, 50), (1, 32, 32), (1, 0, 16)])
 def test_a_tensor_parallel_shard_is_the_block_of_one_whole_draw(dim, start, size):
     """fill_tp_shards draws rows in blocks and keeps this rank's rows (column-parallel) or columns (row-parallel)."""
-    from framework.parallel import materialize
+    from framework.parallel.materialize import _drawn_shard
 
     shape = (192, 64)
     whole = torch.empty(shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
-    original = materialize.normal_chunks
-    # small blocks, so that a shard spans several and starts inside one
-    materialize.normal_chunks = lambda s, std, g: original(s, std, g, chunk_elems=40 * 64)
-    try:
-        got = materialize._drawn_shard(shape, dim, start, size, 0.02, gen)
-    finally:
-        materialize.normal_chunks = original
+    # a small scratch, so that the draw takes several blocks and a shard starts inside one
+    got = _drawn_shard(shape, dim, start, size, 0.02, gen, scratch=torch.empty(40 * 64))
     assert torch.equal(got, whole.narrow(dim, start, size))
+    # and the generator is left where one draw leaves it
+    after = torch.Generator().manual_seed(5)
+    torch.empty(shape).normal_(0.0, 0.02, generator=after)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=after))
 
 
 @pytest.mark.parametrize("start,stop", [(0, 10), (130, 700), (64 * 9, 64 * 10), (64 * 99 + 5, 64 * 100)])
