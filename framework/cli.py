@@ -24,11 +24,35 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+JOINED_PROCESS_GROUP = [False]  # set by framework.parallel.distributed.init_distributed
+
+
+def leave(code: int = 0) -> None:
+    """Exit. A process that joined a process group skips the interpreter's finalisation (``os._exit`` after
+    flushing): a gloo worker thread can still be releasing a finished collective's tensors when finalisation
+    starts, and its wait for the GIL then ends in ``std::terminate`` ("terminate called without an active
+    exception", SIGABRT after a run that did all its work: a core dump shows ``ProcessGroupGloo::runLoop`` ->
+    ``~AsyncBarrierWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` during ``Py_FinalizeEx``).
+    Everything a job writes is closed by then; standard streams and logging are flushed here."""
+    if not JOINED_PROCESS_GROUP[0]:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line naming the fix (rank 0 only) and exit."""
     if is_rank0():
         print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    elif JOINED_PROCESS_GROUP[0]:
+        import time
+
+        time.sleep(1.0)  # the launcher stops every rank once one has exited: rank 0 prints its line first
+    leave(code)
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -131,3 +155,4 @@ def run_entry(hydra_main: Callable[[], None], config_name: str, schema, config_d
         hydra_main()
     except UserError as exc:
         fail(str(exc))
+    leave(0)

@@ -189,6 +189,9 @@ class InferConfig:
     """Tensor-parallel ranks inside each stage (each reads 1/tp of every layer: lower latency)."""
     allreduce: str = "auto"
     """tp all-reduce on CPU: auto (DeepSpeed's shared-memory op where it applies, else the backend), shm, backend."""
+    transport: str = "auto"
+    """Messages between pipeline stages: auto (shared memory where every rank is a CPU process of one host, else
+    the process groups: NCCL/gloo), shm, backend."""
     split: list[int] | None = None
     """Layers per stage, e.g. [3,5,5,3]; None splits evenly."""
     micro_batches: int = 0

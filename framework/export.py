@@ -27,10 +27,7 @@ def main(cfg: DictConfig) -> None:
 
         return export_with_engine(*args)
 
-    from framework.parallel.distributed import destroy
-
     export_checkpoint(cfg, with_engine=with_engine)
-    destroy()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from framework.config import TrainConfig  # noqa: E402
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
-    from framework.parallel.distributed import destroy
     from framework.trainer.trainer import train
 
-    train(cfg)
-    destroy()  # a rank that exits with its gloo group alive can abort in teardown (SIGABRT after a clean run)
+    train(cfg)  # the process group stays for the next job of a sweep; the process leaves through cli.leave
 
 
 if __name__ == "__main__":

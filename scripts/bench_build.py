@@ -92,3 +92,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from framework.cli import leave
+
+    leave()  # a worker that joined a process group exits without finalisation (see leave)

@@ -16,14 +16,14 @@ import torch
 
 from framework.infer.sampler import Sampler
 from framework.infer.scheduler import STOP, Scheduler, StepPlan
-from framework.infer.transport import Transport
+from framework.infer.transport import ShmTransport, Transport
 from framework.infer.worker import StageWorker
 
 
 class Engine:
     def __init__(self, worker: StageWorker, rank: int, pp: int, device: torch.device, plan_capacity: int,
                  sampler: Sampler | None = None, scheduler: Scheduler | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | ShmTransport | None = None):
         self.worker, self.rank, self.pp, self.device = worker, rank, pp, device
         self.sampler, self.scheduler, self.transport = sampler, scheduler, transport
         self.tp = worker.tp

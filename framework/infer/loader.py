@@ -138,12 +138,22 @@ def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the (unique) parameters and buffers this rank holds."""
+    """Bytes of the tensors this rank holds for ``module``: parameters, buffers and the plain tensor attributes that
+    re-laid and quantized layers keep (a packed CPU weight, an int4 kernel layout), each tensor counted once."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+    for m in module.modules():
+        attrs = [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        for t in [*m._parameters.values(), *m._buffers.values(), *attrs]:
+            if t is None:
+                continue
+            size = t.numel() * t.element_size()
+            try:
+                key = (t.data_ptr(), size)  # a tied weight is one tensor, whatever holds it
+            except RuntimeError:  # a tensor without a plain storage (an opaque kernel layout)
+                key = (id(t), size)
+            if key not in seen:
+                seen.add(key)
+                total += size
     return total
 
 

@@ -109,7 +109,7 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     from framework.infer.sampler import Sampler
     from framework.infer.scheduler import Scheduler, StepPlan
     from framework.infer.tensor_parallel import TPGroup
-    from framework.infer.transport import Transport
+    from framework.infer.transport import make_transport
     from framework.infer.worker import StageWorker
 
     pp, tp = inf.pp, inf.tp
@@ -138,7 +138,8 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg)
     worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
     capacity = StepPlan.capacity(slots, inf.prefill_chunk)
-    transport = Transport(rank, pp, device, capacity, args.dim, dtype, tp=tp) if pp > 1 else None
+    transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + inf.prefill_chunk, args.dim,
+                               dtype, lanes)
     sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
     scheduler = None
     if rank == 0:
@@ -147,7 +148,7 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
-        f"tp all-reduce {ar}")
+        f"tp all-reduce {ar}, ring {'-' if transport is None else transport.kind}")
     engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport)
     return engine, slots
 

@@ -41,6 +41,9 @@ def check_engine_keys(inf) -> int:
         raise UserError(f"infer.scheduler={inf.scheduler}: use continuous or static")
     if inf.prefill_chunk < 1:
         raise UserError(f"infer.prefill_chunk={inf.prefill_chunk}: prefill at least 1 prompt token a step (e.g. 512)")
+    for key, allowed in (("transport", ("auto", "shm", "backend")), ("allreduce", ("auto", "shm", "backend"))):
+        if getattr(inf, key) not in allowed:
+            raise UserError(f"infer.{key}={getattr(inf, key)}: use one of {', '.join(allowed)}")
     return max_batch
 
 

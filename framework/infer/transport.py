@@ -27,6 +27,8 @@ from framework.infer.scheduler import STOP, StepPlan
 
 
 class Transport:
+    kind = "process groups"
+
     def __init__(self, rank: int, pp: int, device: torch.device, plan_capacity: int, dim: int, dtype: torch.dtype,
                  tp: int = 1):
         self.rank, self.pp, self.device, self.dim, self.dtype = rank, pp, device, dim, dtype
@@ -92,3 +94,129 @@ class Transport:
         for w in self._sends:
             w.wait()
         self._sends = []
+
+
+class ShmTransport:
+    """The same calls as ``Transport``, through shared-memory rings (framework/infer/shm_ring.py) for the ranks of
+    one CPU host: each step's plan and hidden states travel as one message, and no receive waits on a helper
+    thread. ``connect`` builds it on every rank, or returns None on every rank where any rank cannot map the
+    segments (another host, no /dev/shm)."""
+
+    kind = "shared memory"
+
+    def __init__(self, dtype: torch.dtype, dim: int, inbox, outbox, ret_in, ret_out):
+        self.dtype, self.dim = dtype, dim
+        self.inbox, self.outbox, self.ret_in, self.ret_out = inbox, outbox, ret_in, ret_out
+        self._hidden: torch.Tensor | None = None
+
+    @classmethod
+    def connect(cls, rank: int, pp: int, tp: int, plan_capacity: int, max_tokens: int, dim: int,
+                dtype: torch.dtype, lanes: int) -> ShmTransport | None:
+        import os
+        import uuid
+
+        from framework.infer import shm_ring
+        from framework.parallel.distributed import broadcast_object
+
+        world = dist.get_world_size()
+
+        def everyone(ok: bool) -> bool:
+            votes = [None] * world
+            dist.all_gather_object(votes, (ok, os.getpid()))
+            pids.update({r: v[1] for r, v in enumerate(votes)})
+            return all(v[0] for v in votes)
+
+        pids: dict[int, int] = {}
+        token = broadcast_object(uuid.uuid4().hex[:16])
+        if not everyone(shm_ring.usable()):
+            return None
+        stage = rank // tp
+        prev = rank - tp if stage > 0 else None
+        nxt = rank + tp if stage < pp - 1 else None
+        last_leader = (pp - 1) * tp
+        path = lambda kind, r: f"/dev/shm/miaotui_{os.getuid()}_{token}_{kind}_{r}"  # noqa: E731
+        fwd_bytes = plan_capacity * 8 + max_tokens * dim * torch.tensor([], dtype=dtype).element_size()
+        ret_bytes = (max_tokens + 1) * 8
+        slots = lanes + 2  # a sender never has more than its lanes' steps (and the stop) unread: it never blocks
+        made, ends = [], {}
+        ok = True
+        try:  # each rank creates what it receives
+            if prev is not None:
+                made.append(path("fwd", rank))
+                ends["inbox"] = shm_ring.Channel(made[-1], fwd_bytes, slots, create=True)
+            if rank == 0:
+                made.append(path("ret", 0))
+                ends["ret_in"] = shm_ring.Channel(made[-1], ret_bytes, slots, create=True)
+        except OSError:
+            ok = False
+        ok = everyone(ok)
+        if ok:
+            try:  # and opens what it sends into
+                if nxt is not None:
+                    ends["outbox"] = shm_ring.Channel(path("fwd", nxt), fwd_bytes, slots, create=False)
+                if rank == last_leader:
+                    ends["ret_out"] = shm_ring.Channel(path("ret", 0), ret_bytes, slots, create=False)
+            except OSError:
+                ok = False
+            ok = everyone(ok)
+        dist.barrier()  # every end is mapped (or given up): the names can go
+        for p in made:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        if not ok:
+            for ch in ends.values():
+                ch.close()
+            return None
+        peers = {"inbox": prev, "outbox": nxt, "ret_in": last_leader, "ret_out": 0}
+        for key, ch in ends.items():
+            ch.peer_pid = pids[peers[key]]
+        return cls(dtype, dim, ends.get("inbox"), ends.get("outbox"), ends.get("ret_in"), ends.get("ret_out"))
+
+    def post_plan(self) -> None:
+        pass
+
+    def recv_plan(self) -> tuple[StepPlan, torch.Tensor]:
+        parts = self.inbox.recv()
+        buf = parts[0].view(torch.int64)
+        self._hidden = parts[1] if len(parts) > 1 else None
+        return StepPlan.decode(buf), buf
+
+    def recv_hidden(self, plan: StepPlan) -> torch.Tensor:
+        hidden, self._hidden = self._hidden, None
+        return hidden.view(self.dtype).view(plan.n_tokens, self.dim)
+
+    def send_step(self, plan_buf: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        self.outbox.send([plan_buf] if hidden is None else [plan_buf, hidden])
+
+    def send_tokens(self, tokens: torch.Tensor) -> None:
+        self.ret_out.send([tokens.long()])
+
+    def post_tokens(self, n: int) -> None:
+        pass
+
+    def take_tokens(self) -> list[int]:
+        return self.ret_in.recv()[0].view(torch.int64).tolist()
+
+    def finish(self) -> None:
+        pass
+
+
+def make_transport(kind: str, rank: int, pp: int, tp: int, device: torch.device, plan_capacity: int,
+                   max_tokens: int, dim: int, dtype: torch.dtype, lanes: int):
+    """The ring's transport (None at pp=1): ``infer.transport`` auto picks shared memory where every rank is a
+    CPU process of one host, else the process groups; shm insists (an error where it cannot serve); backend
+    always takes the process groups."""
+    from framework.cli import UserError
+
+    if pp == 1:
+        return None
+    if device.type == "cpu" and kind in ("auto", "shm"):
+        t = ShmTransport.connect(rank, pp, tp, plan_capacity, max_tokens, dim, dtype, lanes)
+        if t is not None:
+            return t
+        if kind == "shm":
+            raise UserError("infer.transport=shm: some ranks cannot map a shared-memory segment (another host, or no "
+                            "/dev/shm): use infer.transport=auto or backend")
+    return Transport(rank, pp, device, plan_capacity, dim, dtype, tp=tp)

@@ -14,7 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from framework.cli import UserError
+from framework.cli import JOINED_PROCESS_GROUP, UserError
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -79,6 +79,7 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int
         tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                             timeout=timeout)
         store_kw = {"store": dist.PrefixStore(f"/miaotui/attempt_{restart}", tcp), "rank": rank, "world_size": world}
+    JOINED_PROCESS_GROUP[0] = True  # the process leaves through framework.cli.leave
     dist.init_process_group(
         backend=pick_backend(device, backend),
         timeout=timeout,

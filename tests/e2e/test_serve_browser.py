@@ -98,6 +98,7 @@ def test_kill_9_of_the_last_stage_gives_503_and_a_non_zero_exit(server):
     """Last: it ends the module's server."""
     assert get(server.url + "/health")[0] == 200
     results = []
+    streaming = threading.Event()  # the kill lands while the requests run: after a streamed token has come
 
     def ask(stream: bool):
         body = {"prompt": "reverse: 9 =", "max_tokens": 250, "ignore_eos": True, "stream": stream}
@@ -108,14 +109,19 @@ def test_kill_9_of_the_last_stage_gives_503_and_a_non_zero_exit(server):
 
         req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
+        events = []
         with urllib.request.urlopen(req, timeout=60) as r:
-            events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    events.append(line)
+                    streaming.set()
         results.append((r.status, json.loads(events[-1][6:])))
 
     askers = [threading.Thread(target=ask, args=(i % 2 == 1,)) for i in range(4)]
     for t in askers:
         t.start()
-    time.sleep(0.5)
+    assert streaming.wait(timeout=30)
     ranks = server.ranks()
     assert len(ranks) == 2
     t0 = time.monotonic()
