@@ -95,3 +95,22 @@ def test_static_baseline_gives_the_same_tokens(model, tmp_path):
     continuous = run(path, tmp_path, reqs, 1, "infer.max_batch=3")
     static = run(path, tmp_path, reqs, 2, "infer.max_batch=3", "infer.scheduler=static")
     assert [r["token_ids"] for r in static] == [r["token_ids"] for r in continuous]
+
+
+def test_process_group_ring_equals_shared_memory_ring(model, tmp_path):
+    """On one CPU host the pipeline ring goes through shared memory by default; infer.transport=backend takes the
+    process groups (gloo here, NCCL on GPUs, and across hosts): the same tokens, each path named in the log."""
+    path, _, tok = model
+    reqs = mixed_requests(tok, n=8, seed=3)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    outs = {}
+    for kind, named in (("auto", "ring shared memory"), ("backend", "ring process groups")):
+        out = tmp_path / f"out-{kind}.jsonl"
+        proc = run_module("framework.generate", [f"model_dir={path}", f"prompts={src}", f"output={out}", "infer.pp=2",
+                                                 f"infer.transport={kind}", "infer.prefill_chunk=64",
+                                                 "infer.progress=false"], nproc=2)
+        assert_ok(proc)
+        assert named in proc.stderr
+        outs[kind] = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert outs["auto"] == outs["backend"]

@@ -77,6 +77,7 @@ def test_generate_malformed_jsonl_line_others_answered(hf_dir, tmp_path):
     (["infer.max_batch=0"], ["infer.max_batch=0", "at least one"]),
     (["infer.kv_cache_gb=0.000001"], ["KV cache budget", "raise infer.kv_cache_gb"]),
     (["infer.tp=2"], ["infer.tp=2"]),
+    (["infer.transport=nccl"], ["infer.transport=nccl", "auto, shm, backend"]),
 ])
 def test_generate_engine_bad_input(hf_dir, args, needles):
     proc = run_module("framework.generate", [f"model_dir={hf_dir}", "prompt=hi", *args])
