@@ -175,11 +175,16 @@ def dir_size_bytes(path: str) -> int:
 
 # -- reading ---------------------------------------------------------------------------------------------------
 def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str], qconfig: dict,
-                       device: torch.device) -> int:
-    """See ``framework.compress.quantize.load_quantized``."""
+                       device: torch.device, dtype: torch.dtype | None = None, tp: int = 1, tp_rank: int = 0,
+                       load_rest=None) -> int:
+    """See ``framework.compress.quantize.load_quantized``. With ``tp`` > 1 each quantized layer keeps this rank's
+    part, cut as the plain weights are (framework/infer/loader.py ``tp_slice``): column-parallel layers by output
+    rows (with their scales and zero points), row-parallel ones by input columns (int8's per-row scales whole,
+    int4's groups cut at group boundaries); ``load_rest(names)`` loads the plain tensors (sliced too)."""
     from safetensors import safe_open
 
     from framework.compress.quantize import Int4Linear, Int8Linear, set_submodule
+    from framework.infer.loader import tp_slice
     from framework.models.hf import load_hf_weights, weight_map
 
     w = weight_args(qconfig)
@@ -197,28 +202,47 @@ def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str],
 
     for prefix in quantized:
         old = model.get_submodule(prefix)
-        dtype = old.weight.dtype
+        dt = dtype or old.weight.dtype
         out_f, in_f = (int(x) for x in read(prefix + ".weight_shape").tolist())
         if (out_f, in_f) != (old.out_features, old.in_features):
             raise UserError(f"shape mismatch for {prefix}: checkpoint {(out_f, in_f)} vs model "
                             f"{(old.out_features, old.in_features)}")
         q = unpack_int32(read(prefix + ".weight_packed"), bits, in_f)
         scale = read(prefix + ".weight_scale").float()
+        zp = None
+        if bits == 4:
+            zp = (torch.zeros(scale.shape, dtype=torch.int8) if w.get("symmetric")
+                  else unpack_int32(read(prefix + ".weight_zero_point"), bits, out_f, dim=0))
+        vocab = getattr(getattr(model, "args", None), "vocab_size", out_f)  # a quantized head: vocabulary rows
+        cut = tp_slice(prefix + ".weight", (out_f, in_f), vocab, tp, tp_rank) if tp > 1 else None
+        if cut is not None and cut[0] == 0:  # column-parallel: output rows, with their scales and zero points
+            lo, hi = cut[1], cut[2]
+            q, scale = q[lo:hi], scale[lo:hi]
+            zp = None if zp is None else zp[lo:hi]
+        elif cut is not None:  # row-parallel: input columns; int8's per-row scale applies to every part of a row
+            lo, hi = cut[1], cut[2]
+            q = q[:, lo:hi]
+            if bits == 4:
+                if lo % int(group) or hi % int(group):
+                    raise UserError(f"{prefix}: infer.tp={tp} cuts its {in_f} inputs inside an int4 group of "
+                                    f"{group}: use a group size that divides {in_f // tp}, or a lower tp")
+                scale, zp = scale[:, lo // int(group): hi // int(group)], zp[:, lo // int(group): hi // int(group)]
+        q = q.contiguous()
         if bits == 8:
-            new = Int8Linear(q.to(device), scale.reshape(-1).to(device), None, dtype)
+            new = Int8Linear(q.to(device), scale.reshape(-1).contiguous().to(device), None, dt)
         else:
-            if w.get("symmetric"):
-                zp = torch.zeros(scale.shape, dtype=torch.int8)
-            else:
-                zp = unpack_int32(read(prefix + ".weight_zero_point"), bits, out_f, dim=0)
-            new = Int4Linear(q.to(device), scale.to(device), zp.to(device), int(group), None, dtype)
+            new = Int4Linear(q.to(device), scale.contiguous().to(device), zp.contiguous().to(device), int(group), None,
+                             dt)
             if prefix.rsplit(".", 1)[-1] not in FUSED:
                 new.pack()  # o, down, head: final now; q|k|v and gate|up are packed by the fusion (Int4Linear.cat)
         if getattr(old, "bias", None) is not None:
-            new.bias = torch.empty(out_f, dtype=dtype, device=device)  # filled with the plain tensors below
+            new.bias = torch.empty(q.shape[0], dtype=dt, device=device)  # filled with the plain tensors below
         set_submodule(model, prefix, new)
     handles.clear()
     done = {p + ".weight" for p in quantized}
     rest = [n for n in names if n not in done]
-    load_hf_weights(model, model_dir, names=rest)
+    if load_rest is None:
+        load_hf_weights(model, model_dir, names=rest)
+    else:
+        load_rest(rest)
     return len(quantized)

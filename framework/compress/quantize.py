@@ -324,10 +324,12 @@ def quantize_linears(model: nn.Module, method: str, group_size: int = 128, head:
 
 
 # -- loading a compressed export -------------------------------------------------------------------------------
-def load_quantized(model: nn.Module, model_dir: str, names: list[str], qconfig: dict, device) -> int:
+def load_quantized(model: nn.Module, model_dir: str, names: list[str], qconfig: dict, device, dtype=None, tp: int = 1,
+                   tp_rank: int = 0, load_rest=None) -> int:
     """Load every tensor in ``names`` (a stage's checkpoint names) from a compressed export into ``model``: the
     linear layers the export stores quantized become Int8Linear / Int4Linear, the rest are copied into the
-    model's parameters. Reads only these tensors, memory-mapped. Returns the number of quantized modules."""
+    model's parameters. Reads only these tensors, memory-mapped; with ``tp`` > 1 each keeps this rank's part.
+    Returns the number of quantized modules."""
     from framework.compress.format import load_stage_tensors
 
-    return load_stage_tensors(model, model_dir, names, qconfig, torch.device(device))
+    return load_stage_tensors(model, model_dir, names, qconfig, torch.device(device), dtype, tp, tp_rank, load_rest)

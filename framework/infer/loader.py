@@ -172,9 +172,12 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
     quantization = read_hf_config(model_dir).get("quantization_config")
     if tp > 1:
         if quantization:
-            raise UserError(f"{model_dir} is a quantized export, which infer.tp={tp} cannot slice yet: use infer.tp=1, "
-                            f"or the uncompressed export with infer.quant={quantization.get('method', 'int8')}")
-        load_tp_weights(model, model_dir, stage.tensor_names, tp, tp_rank, device, dtype)
+            from framework.compress.quantize import load_quantized
+
+            load_quantized(model, model_dir, stage.tensor_names, quantization, device, dtype, tp, tp_rank,
+                           lambda rest: load_tp_weights(model, model_dir, rest, tp, tp_rank, device, dtype))
+        else:
+            load_tp_weights(model, model_dir, stage.tensor_names, tp, tp_rank, device, dtype)
         weights = StageWeights(model).eval()
         return _finish(weights, model_dir, quant, group_size, rows_hint, dtype, device, quantization, compiled)
     model = model.to_empty(device=device).to(dtype)
