@@ -133,3 +133,16 @@ def test_int4_export_slices_to_the_parts_of_the_whole_layer(tmp_path):
         half = m.in_features // 2
         got = sum(p.get_submodule(name)(x[:, r * half: (r + 1) * half]) for r, p in enumerate(parts))
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_groups_cut_by_tp_are_refused_in_one_line(tmp_path):
+    from tests.helpers import error_lines, make_hf_model
+
+    src = tmp_path / "hf"
+    make_hf_model(str(src), n_layers=1, init_std=0.05)
+    out = tmp_path / "int4"
+    assert_ok(run_module("framework.compress", [f"model_dir={src}", f"out={out}", "method=int4", "quant.group_size=64"]))
+    proc = run_module("framework.generate", [f"model_dir={out}", "prompt=hi", "infer.tp=2"], nproc=2)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "int4 group of 64" in lines[0] and "group size that divides 32" in lines[0], proc.stderr
