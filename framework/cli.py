@@ -33,11 +33,13 @@ def leave(code: int = 0) -> None:
     starts, and its wait for the GIL then ends in ``std::terminate`` ("terminate called without an active
     exception", SIGABRT after a run that did all its work: a core dump shows ``ProcessGroupGloo::runLoop`` ->
     ``~AsyncBarrierWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` during ``Py_FinalizeEx``).
-    Everything a job writes is closed by then; standard streams and logging are flushed here."""
+    The ``atexit`` handlers run first, as at a normal exit; standard streams and logging are flushed."""
     if not JOINED_PROCESS_GROUP[0]:
         sys.exit(code)
+    import atexit
     import logging
 
+    atexit._run_exitfuncs()  # what libraries registered (wandb's finish, multiprocessing's clean-up) still runs
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -194,11 +194,17 @@ def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str],
                  if n.endswith(".weight") and n[: -len(".weight")] + ".weight_packed" in wmap]
     handles: dict[str, object] = {}
 
-    def read(name: str) -> torch.Tensor:
+    def handle(name: str):
         fname = wmap[name]
         if fname not in handles:
             handles[fname] = safe_open(os.path.join(model_dir, fname), "pt", device="cpu")
-        return handles[fname].get_tensor(name)
+        return handles[fname]
+
+    def read(name: str) -> torch.Tensor:
+        return handle(name).get_tensor(name)
+
+    def read_slice(name: str):  # rows or columns read from the file without the rest of the tensor
+        return handle(name).get_slice(name)
 
     for prefix in quantized:
         old = model.get_submodule(prefix)
@@ -207,21 +213,32 @@ def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str],
         if (out_f, in_f) != (old.out_features, old.in_features):
             raise UserError(f"shape mismatch for {prefix}: checkpoint {(out_f, in_f)} vs model "
                             f"{(old.out_features, old.in_features)}")
-        q = unpack_int32(read(prefix + ".weight_packed"), bits, in_f)
+        vocab = getattr(getattr(model, "args", None), "vocab_size", out_f)  # a quantized head: vocabulary rows
+        cut = tp_slice(prefix + ".weight", (out_f, in_f), vocab, tp, tp_rank) if tp > 1 else None
+        per = 32 // bits  # values a packed int32 word holds, along the input features
+        words = read_slice(prefix + ".weight_packed")
+        if cut is None:
+            q = unpack_int32(words[:], bits, in_f)
+        elif cut[0] == 0:  # this rank's output rows only
+            q = unpack_int32(words[cut[1]: cut[2]], bits, in_f)
+        elif cut[1] % per == 0 and cut[2] % per == 0:  # this rank's input columns: whole words
+            q = unpack_int32(words[:, cut[1] // per: -(-cut[2] // per)], bits, cut[2] - cut[1])
+        else:
+            q = unpack_int32(words[:], bits, in_f)[:, cut[1]: cut[2]]
         scale = read(prefix + ".weight_scale").float()
         zp = None
         if bits == 4:
             zp = (torch.zeros(scale.shape, dtype=torch.int8) if w.get("symmetric")
                   else unpack_int32(read(prefix + ".weight_zero_point"), bits, out_f, dim=0))
-        vocab = getattr(getattr(model, "args", None), "vocab_size", out_f)  # a quantized head: vocabulary rows
-        cut = tp_slice(prefix + ".weight", (out_f, in_f), vocab, tp, tp_rank) if tp > 1 else None
         if cut is not None and cut[0] == 0:  # column-parallel: output rows, with their scales and zero points
             lo, hi = cut[1], cut[2]
-            q, scale = q[lo:hi], scale[lo:hi]
+            scale = scale[lo:hi]
             zp = None if zp is None else zp[lo:hi]
+            if bits == 4 and (hi - lo) % 16 and prefix.rsplit(".", 1)[-1] not in FUSED:  # a head, packed alone
+                raise UserError(f"{prefix}: infer.tp={tp} leaves {hi - lo} output rows a rank, which the int4 "
+                                f"kernels cannot run (a multiple of 16 is needed): use another tp, or int8")
         elif cut is not None:  # row-parallel: input columns; int8's per-row scale applies to every part of a row
             lo, hi = cut[1], cut[2]
-            q = q[:, lo:hi]
             if bits == 4:
                 if lo % int(group) or hi % int(group):
                     raise UserError(f"{prefix}: infer.tp={tp} cuts its {in_f} inputs inside an int4 group of "

@@ -44,6 +44,14 @@ def usable() -> bool:
     return os.path.isdir("/dev/shm") and platform.machine().lower() in ("x86_64", "amd64")
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace: the peer check (``os.kill(pid, 0)``) means something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 class PeerGone(RuntimeError):
     pass
 
@@ -57,7 +65,9 @@ class Channel:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # reserve the pages now: a /dev/shm too small for the ring is an OSError here (and the process
+                # groups serve), not a SIGBUS at the first write of a page mid-run
+                os.posix_fallocate(fd, 0, size)
             self.mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)

@@ -128,7 +128,9 @@ class ShmTransport:
 
         pids: dict[int, int] = {}
         token = broadcast_object(uuid.uuid4().hex[:16])
-        if not everyone(shm_ring.usable()):
+        # one PID namespace (containers sharing /dev/shm but not their processes would see each other as gone)
+        namespace = broadcast_object(shm_ring.pid_namespace())
+        if not everyone(shm_ring.usable() and shm_ring.pid_namespace() == namespace != ""):
             return None
         stage = rank // tp
         prev = rank - tp if stage > 0 else None

@@ -367,52 +367,54 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
     stop = t.stop_at or t.max_steps
     step_tokens = t.global_batch_size * t.seq_len
     engine.train()
-    while step < stop:
-        batch = to_device(loader.next_batch(), device)
-        lr = engine.get_lr()[0]
-        loss_sum = torch.zeros((), device=device)
-        for micro in batch.split(t.micro_batch_size):
-            loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-        step += 1
-        tokens_seen += step_tokens
-        window_tokens += step_tokens
-        logger.advance()
-        if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1 or step == stop:
-            loss_avg = loss_sum / gas
-            dist.all_reduce(loss_avg)
-            loss_value = loss_avg.item() / job.world  # tp ranks hold equal losses: the mean over dp
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / max(elapsed, 1e-9)
-            gn = engine.get_global_grad_norm()
-            last = {
-                "step": step, "loss": loss_value, "lr": lr,
-                "grad_norm": float(gn) if gn is not None else None,
-                "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
-                "tflops_per_device": flops_per_token * tps / job.world / 1e12,
-                "mfu": (flops_per_token * tps / job.world / (peak * 1e12)) if peak else None,
-                "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
-            }
-            logger.log(last)
-            window_tokens, window_start = 0, time.perf_counter()
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-            ev = {"step": step, **evaluate(engine.module, data, t, device)}
-            logger.log(ev)
-            logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in ev.items()))
-            last.update(ev)
-            window_start = time.perf_counter()  # evaluation is not training throughput
-        maybe_fail("step", step)
-        save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
-        save_end = step == stop and (cfg.checkpoint.save_final or step < t.max_steps)
-        if save_now or save_end:
-            save(job, engine, args, loader, step, tokens_seen, logger)
-            window_start = time.perf_counter()
-    logger.close()
+    try:  # the loggers close (wandb finishes, TensorBoard flushes) even when a step raises
+        while step < stop:
+            batch = to_device(loader.next_batch(), device)
+            lr = engine.get_lr()[0]
+            loss_sum = torch.zeros((), device=device)
+            for micro in batch.split(t.micro_batch_size):
+                loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float()
+            step += 1
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            logger.advance()
+            if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1 or step == stop:
+                loss_avg = loss_sum / gas
+                dist.all_reduce(loss_avg)
+                loss_value = loss_avg.item() / job.world  # tp ranks hold equal losses: the mean over dp
+                if not math.isfinite(loss_value):
+                    raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                gn = engine.get_global_grad_norm()
+                last = {
+                    "step": step, "loss": loss_value, "lr": lr,
+                    "grad_norm": float(gn) if gn is not None else None,
+                    "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
+                    "tflops_per_device": flops_per_token * tps / job.world / 1e12,
+                    "mfu": (flops_per_token * tps / job.world / (peak * 1e12)) if peak else None,
+                    "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
+                }
+                logger.log(last)
+                window_tokens, window_start = 0, time.perf_counter()
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                ev = {"step": step, **evaluate(engine.module, data, t, device)}
+                logger.log(ev)
+                logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in ev.items()))
+                last.update(ev)
+                window_start = time.perf_counter()  # evaluation is not training throughput
+            maybe_fail("step", step)
+            save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
+            save_end = step == stop and (cfg.checkpoint.save_final or step < t.max_steps)
+            if save_now or save_end:
+                save(job, engine, args, loader, step, tokens_seen, logger)
+                window_start = time.perf_counter()
+    finally:
+        logger.close()
     return step, last
 
 
