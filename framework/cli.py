@@ -157,4 +157,8 @@ def run_entry(hydra_main: Callable[[], None], config_name: str, schema, config_d
         hydra_main()
     except UserError as exc:
         fail(str(exc))
+    except SystemExit as exc:  # Hydra printed a failure and exits 1: leave the same way, with the same code
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr, flush=True)
+        leave(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
     leave(0)
