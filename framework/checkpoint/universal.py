@@ -81,11 +81,16 @@ def _gather_tp(local: torch.Tensor, name: str, tp: int, tp_group) -> torch.Tenso
     return torch.cat(parts, dim=dim)
 
 
-def _tp_slice(full: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+def _read_tp_part(reader, key: str, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    """This rank's part of tensor ``key`` (parameter ``name``'s value or moment), read without the rest of it: an
+    even split along the parameter's tensor-parallel dim, as AutoTP splits (the topology makes every split even)."""
     dim = tp_partition_dim(name)
     if tp == 1 or dim is None:
-        return full
-    return full.chunk(tp, dim=dim)[tp_rank]
+        return reader.get(key)
+    sl = reader.get_slice(key)
+    n = sl.get_shape()[dim] // tp
+    lo, hi = tp_rank * n, (tp_rank + 1) * n
+    return sl[lo:hi] if dim == 0 else sl[:, lo:hi]
 
 
 def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int, max_shard_mb: int = 2000) -> None:
@@ -184,8 +189,8 @@ def load_universal_optimizer(engine, step_dir: str, tp: int, tp_rank: int, optim
         for name, p in engine.module.named_parameters():
             if not p.requires_grad:
                 continue
-            weight = _tp_slice(reader.get(name), name, tp, tp_rank)
-            moments = {k: _tp_slice(reader.get(f"{name}::{k}"), name, tp, tp_rank) for k in MOMENTS}
+            weight = _read_tp_part(reader, name, name, tp, tp_rank)
+            moments = {k: _read_tp_part(reader, f"{name}::{k}", name, tp, tp_rank) for k in MOMENTS}
             if _is_managed(p):
                 safe_set_full_fp32_param(p, weight.to(p.device))
                 for k, v in moments.items():
