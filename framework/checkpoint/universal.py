@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from framework.checkpoint.export import plan_shards
 from framework.cli import UserError
+from framework.models.hf import read_part
 from framework.parallel.parallelize import tp_partition_dim
 
 UNIVERSAL = "universal"
@@ -89,8 +90,7 @@ def _read_tp_part(reader, key: str, name: str, tp: int, tp_rank: int) -> torch.T
         return reader.get(key)
     sl = reader.get_slice(key)
     n = sl.get_shape()[dim] // tp
-    lo, hi = tp_rank * n, (tp_rank + 1) * n
-    return sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+    return read_part(sl, (dim, tp_rank * n, (tp_rank + 1) * n))
 
 
 def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int, max_shard_mb: int = 2000) -> None:

@@ -222,7 +222,7 @@ def load_stage_tensors(model: torch.nn.Module, model_dir: str, names: list[str],
         elif cut[0] == 0:  # this rank's output rows only
             q = unpack_int32(words[cut[1]: cut[2]], bits, in_f)
         elif cut[1] % per == 0 and cut[2] % per == 0:  # this rank's input columns: whole words
-            q = unpack_int32(words[:, cut[1] // per: -(-cut[2] // per)], bits, cut[2] - cut[1])
+            q = unpack_int32(words[:, cut[1] // per: cut[2] // per], bits, cut[2] - cut[1])
         else:
             q = unpack_int32(words[:], bits, in_f)[:, cut[1]: cut[2]]
         scale = read(prefix + ".weight_scale").float()

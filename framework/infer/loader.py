@@ -11,7 +11,7 @@ from framework.cli import UserError
 from framework.infer.cpu_linear import pack_linears, packing_available
 from framework.infer.plan import Stage
 from framework.infer.worker import StageWeights
-from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config, weight_map
+from framework.models.hf import from_hf_config, hf_slice_reader, load_hf_weights, read_hf_config, read_part, weight_map
 from framework.models.llama import Llama, ModelArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,30 +100,12 @@ def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_
                     device: torch.device, dtype: torch.dtype) -> None:
     """Give ``model`` (built on the meta device) this rank's slice of every tensor of ``names``, read slice by
     slice from the safetensors (a rank never reads the other ranks' parts)."""
-    from safetensors import safe_open
-
-    wmap = weight_map(model_dir)
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for name in names:
-        source = name
-        if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
-            source = "model.embed_tokens.weight"  # a tied head
-        if source not in wmap:
-            raise UserError(f"{model_dir} has no tensor '{name}': the checkpoint is of another model shape")
-        by_file.setdefault(wmap[source], []).append((name, source))
+    get = hf_slice_reader(model_dir)
     loaded: dict[str, torch.Tensor] = {}
-    for fname, pairs in by_file.items():
-        with safe_open(os.path.join(model_dir, fname), "pt", device="cpu") as f:
-            for name, source in pairs:
-                sl = f.get_slice(source)
-                cut = tp_slice(name, tuple(sl.get_shape()), model.args.vocab_size, tp, tp_rank)
-                if cut is None:
-                    t = sl[:]
-                elif cut[0] == 0:
-                    t = sl[cut[1]: cut[2]]
-                else:
-                    t = sl[:, cut[1]: cut[2]]
-                loaded[name] = t.to(device=device, dtype=dtype)
+    for name in names:
+        sl = get(name)
+        cut = tp_slice(name, tuple(sl.get_shape()), model.args.vocab_size, tp, tp_rank)
+        loaded[name] = read_part(sl, cut).to(device=device, dtype=dtype)
     for name, t in loaded.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)

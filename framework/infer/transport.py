@@ -120,17 +120,16 @@ class ShmTransport:
 
         world = dist.get_world_size()
 
-        def everyone(ok: bool) -> bool:
+        def everyone(ok) -> list:
             votes = [None] * world
-            dist.all_gather_object(votes, (ok, os.getpid()))
-            pids.update({r: v[1] for r, v in enumerate(votes)})
-            return all(v[0] for v in votes)
+            dist.all_gather_object(votes, ok)
+            return votes
 
-        pids: dict[int, int] = {}
         token = broadcast_object(uuid.uuid4().hex[:16])
-        # one PID namespace (containers sharing /dev/shm but not their processes would see each other as gone)
-        namespace = broadcast_object(shm_ring.pid_namespace())
-        if not everyone(shm_ring.usable() and shm_ring.pid_namespace() == namespace != ""):
+        # (pid, PID namespace, usable) of every rank: one namespace, or the peer check would see live peers as gone
+        seen = everyone((os.getpid(), shm_ring.pid_namespace(), shm_ring.usable()))
+        pids = {r: pid for r, (pid, _, _) in enumerate(seen)}
+        if not all(ns == seen[0][1] != "" and ok for _, ns, ok in seen):
             return None
         stage = rank // tp
         prev = rank - tp if stage > 0 else None
@@ -151,7 +150,7 @@ class ShmTransport:
                 ends["ret_in"] = shm_ring.Channel(made[-1], ret_bytes, slots, create=True)
         except Exception:  # noqa: BLE001 - any failure on any rank: every rank takes the process groups
             ok = False
-        ok = everyone(ok)
+        ok = all(everyone(ok))
         if ok:
             try:  # and opens what it sends into
                 if nxt is not None:
@@ -160,8 +159,8 @@ class ShmTransport:
                     ends["ret_out"] = shm_ring.Channel(path("ret", 0), ret_bytes, slots, create=False)
             except Exception:  # noqa: BLE001
                 ok = False
-            ok = everyone(ok)
-        dist.barrier()  # every end is mapped (or given up): the names can go
+            ok = all(everyone(ok))
+        # every rank has voted after its last open: the names can go
         for p in made:
             try:
                 os.unlink(p)

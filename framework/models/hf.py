@@ -126,6 +126,15 @@ def weight_map(model_dir: str) -> dict[str, str]:
     raise UserError(f"no safetensors weights in {model_dir} (model.safetensors or an index): export the model first")
 
 
+def read_part(sl, cut: tuple[int, int, int] | None) -> torch.Tensor:
+    """Rows (``cut`` = (0, lo, hi)) or columns ((1, lo, hi)) of a safetensors slice, or all of it (None): only
+    those bytes are read."""
+    if cut is None:
+        return sl[:]
+    dim, lo, hi = cut
+    return sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+
+
 def hf_slice_reader(model_dir: str):
     """``get(name)``: one tensor of a HF safetensors directory as a memory-mapped safetensors slice (``get_shape()``;
     indexing ``[a:b]`` or ``[:, a:b]`` reads only those rows or columns). A tied model's missing

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from framework.cli import UserError
 from framework.config import ParallelConfig
+from framework.models.hf import read_part
 from framework.models.llama import Llama, ModelArgs, rope_inv_freq
 from framework.parallel.topology import Topology
 
@@ -247,7 +248,7 @@ def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: in
             if weights is not None:
                 sl = weights(name)
                 check_shape(name, tuple(sl.get_shape()), full)
-                value = sl[:] if dim is None else sl[start: start + size] if dim == 0 else sl[:, start: start + size]
+                value = read_part(sl, None if dim is None else (dim, start, start + size))
             elif name.endswith("norm.weight"):
                 value = torch.ones(p.shape)
             elif name.endswith(".bias"):
