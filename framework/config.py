@@ -201,7 +201,8 @@ class InferConfig:
     batch_size: int | None = None
     """Alias of max_batch (older configs)."""
     prefill_chunk: int = 512
-    """Most prompt tokens prefilled in one step, interleaved with the decode of running rows."""
+    """Most prompt tokens prefilled in one round of the pipeline ring (shared equally by its micro-batches'
+    steps), interleaved with the decode of running rows."""
     scheduler: str = "continuous"
     """continuous (finished rows leave and waiting requests take their slots between steps) or static (the
     baseline: a group of max_batch requests runs until its last row finishes)."""

@@ -190,5 +190,7 @@ def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtyp
 
         quantize_linears(weights, method=quant, group_size=group_size, head=False)
     if rows_hint is not None and packing_available(dtype, device):
+        if compiled and rows_hint <= 1:
+            weights.fold_norms()
         pack_linears(weights, rows_hint=rows_hint, compiled=compiled)
     return weights

@@ -87,6 +87,16 @@ def test_compiled_decode_equals_eager(model, tmp_path):
     assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager]
 
 
+def test_compiled_batch_one_equals_eager(model, tmp_path):
+    """The compiled one-row step (norm weights folded into the next matrices, a dynamic attention window, and
+    inductor told to realize shared inputs) gives the eager tokens."""
+    path, _, tok = model
+    reqs = mixed_requests(tok, n=3, seed=3)
+    eager = run(path, tmp_path, reqs, 1, "infer.max_batch=1")
+    compiled = run(path, tmp_path, reqs, 1, "infer.max_batch=1", "infer.compile=true")
+    assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager]
+
+
 def test_static_baseline_gives_the_same_tokens(model, tmp_path):
     """infer.scheduler=static (the benchmark's baseline: groups that wait for their slowest row, finished rows
     still computed) answers every request as continuous batching does."""

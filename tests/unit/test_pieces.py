@@ -157,3 +157,48 @@ def test_row_dot_linear_compiled_matches_f_linear():
         torch.testing.assert_close(torch.compile(row)(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(row(torch.randn(5, 64)).shape, torch.Size([5, 48]))
         torch.testing.assert_close(row(x), want)
+
+
+def test_folded_norm_weights_give_the_same_logits():
+    """A batch-1 compiled CPU step runs with each layer's norm weights folded into q|k|v and gate|up."""
+    from framework.infer.worker import StageWeights, forward_logits
+    from framework.models.llama import Llama, ModelArgs
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+    model = Llama(args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # not the ones they start as
+    weights = StageWeights(model).eval()
+    tokens = torch.randint(0, 97, (2, 9))
+    want = forward_logits(weights, tokens)
+    assert weights.fold_norms() == 2 * args.n_layers
+    assert weights.layers[0].input_norm.weight is None and weights.norm.weight is not None
+    got = forward_logits(weights, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_lanes_share_the_prefill_budget_and_a_long_prompt_is_chunked():
+    from framework.infer.sampler import SamplingParams
+    from framework.infer.scheduler import Request, Scheduler
+
+    sched = Scheduler(n_slots=8, n_lanes=2, prefill_chunk=64)
+    sched.add(Request(0, list(range(100)), SamplingParams(max_new_tokens=2)))  # a long prompt
+    for i in range(1, 7):
+        sched.add(Request(i, [1, 2, 3, 4, 5], SamplingParams(max_new_tokens=2)))
+    steps = []
+    while sched.has_work():
+        lane = sched.next_lane()
+        plan = sched.schedule(lane)
+        steps.append(plan)
+        prompt_tokens = sum(length for _, _, length in plan.segs)
+        assert prompt_tokens <= 32, "each of two lanes prefills at most half of prefill_chunk a step"
+        assert plan.n_tokens == len(plan.dec_slots) + prompt_tokens
+        sched.complete(plan, [7] * plan.n_sample)
+    first = steps[0].segs[0][0]  # the long prompt's slot: admitted first
+    chunks = [(start, length) for p in steps for slot, start, length in p.segs if p.lane == 0 and slot == first]
+    assert [s for s, _ in chunks] == [0, 32, 64, 96] and sum(n for _, n in chunks) == 100
+    assert {p.lane for p in steps} == {0, 1} and sched.running == 0 and not sched.waiting
