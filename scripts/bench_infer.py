@@ -11,8 +11,9 @@
 (f) tensor parallelism: batch-1 and batch-8 decode, tp=2 against tp=1 (and tp=2 with gloo's all-reduce instead of
     DeepSpeed's shared-memory one); pp=2 against tp=2 at batch 128, which to pick when;
 (e) close to the limit: batch-1 decode, tokens/s times the bytes a token reads (weights and KV), as a share of
-    the read bandwidth measured in the same run, eager and compiled (CPU: fp32; GPU: the 1B flavor in bf16,
-    beside transformers generate() with a static cache and torch.compile).
+    the read bandwidth measured in the same run with as many threads as the decode, eager and compiled (CPU: fp32,
+    one thread and every core; GPU: the 1B flavor in bf16, beside transformers generate() with a static cache and
+    torch.compile).
 Every case runs --repeats times (3), interleaved with its baseline, so that slow spells of a shared machine fall on
 both; the table gives medians, and the range of the per-round ratios.
 
@@ -67,8 +68,9 @@ def make_model(path: str, flavor: str) -> None:
     tok.save_pretrained(path)
 
 
-def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=(), tp=1) -> dict:
-    """One framework.generate job (pp x tp processes); batch/micro None leave the defaults. Returns its summary."""
+def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=(), tp=1, threads=1) -> dict:
+    """One framework.generate job (pp x tp processes, ``threads`` each); batch/micro None leave the defaults.
+    Returns its summary."""
     summary = os.path.join(os.path.dirname(prompts_file), f"s-{pp}-{tp}-{batch}-{micro}.json")
     knobs = ([f"infer.max_batch={batch}"] if batch else []) + ([f"infer.micro_batches={micro}"] if micro else [])
     args = [f"model_dir={path}", f"prompts={prompts_file}", f"output={summary}.jsonl", f"infer.pp={pp}",
@@ -77,7 +79,7 @@ def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=(),
             f"infer.summary={summary}", "infer.progress=false", *extra]
     launcher = [sys.executable, "-m"] if pp * tp == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
                                                            "--standalone", f"--nproc_per_node={pp * tp}", "-m"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([*launcher, "framework.generate", *args], env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
@@ -114,8 +116,17 @@ def ratio_cell(ours: list[float], base: list[float]) -> str:
     return f"{statistics.median(ours) / statistics.median(base):.2f}x{spread}"
 
 
-def read_bandwidth_gbs(device: str) -> float:
-    """What one thread (CPU) or the device (GPU) reads per second: the best of several sums of 1 GiB."""
+def read_bandwidth_gbs(device: str, threads: int = 1) -> float:
+    """What ``threads`` threads (CPU) or the device (GPU) read per second: the best of several sums of 1 GiB."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _read_bandwidth(device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read_bandwidth(device: str) -> float:
     x = torch.ones(2**28, dtype=torch.float32, device=device)
     best = 0.0
     for _ in range(6):
@@ -261,26 +272,34 @@ def main() -> None:
                          ratio_cell([r["tokens_per_s"] for r in c], [r["tokens_per_s"] for r in st])))
             rows.append(("    request latency", "", f"static: {lat(st)}", f"continuous: {lat(c)}"))
     if want("e"):  # batch-1 decode against the read-bandwidth limit
+        # the bandwidth is read with the threads the decode runs with: one (the other cases' setting), and on a
+        # CPU also every core, the machine's whole read bandwidth
         sub = write_prompts(os.path.join(tmp, "e.jsonl"), prompts[:1])
         per_token = bytes_per_token(path, 2 if dtype == "bf16" else 4, context=8 + a.new // 2)
-        results = {"eager": [], "compiled": [], "bw": [], "hf": []}
-        for _ in range(a.repeats):
-            results["bw"].append(read_bandwidth_gbs(device))
-            results["eager"].append(run_ours(path, 1, 1, a.new, None, dtype, device, sub,
-                                             ["infer.compile=false"])["decode_tokens_per_s"])
-            results["compiled"].append(run_ours(path, 1, 1, a.new, None, dtype, device, sub,
-                                                ["infer.compile=true"])["decode_tokens_per_s"])
-            if not cpu:
-                results["hf"].append(hf_static_compiled(path, a.new, tdtype, device, prompts[0]))
-        bw = med(results["bw"])
-        for mode in ("eager", "compiled"):
-            tps = med(results[mode])
-            rows.append((f"(e) batch-1 decode, {mode}", f"{tps:.1f}",
-                         f"limit {bw * 1e9 / per_token:.1f} ({bw:.1f} GB/s read, {per_token / 1e6:.1f} MB/token)",
-                         f"{tps * per_token / (bw * 1e9):.0%} of the read bandwidth"))
-        if results["hf"]:
-            tps = med(results["hf"])
-            rows.append(("    transformers, static cache + compile", f"{tps:.1f}", "", f"{tps * per_token / (bw * 1e9):.0%}"))
+        thread_counts = [1, os.cpu_count()] if cpu and (os.cpu_count() or 1) > 1 else [1]
+        for threads in thread_counts:
+            results = {"eager": [], "compiled": [], "bw": [], "hf": []}
+            for _ in range(a.repeats):
+                results["bw"].append(read_bandwidth_gbs(device, threads))
+                for mode in ("eager", "compiled"):
+                    results[mode].append(run_ours(path, 1, 1, a.new, None, dtype, device, sub,
+                                                  [f"infer.compile={str(mode == 'compiled').lower()}"],
+                                                  threads=threads)["decode_tokens_per_s"])
+                if not cpu:
+                    results["hf"].append(hf_static_compiled(path, a.new, tdtype, device, prompts[0]))
+            bw = med(results["bw"])
+            where = f", {threads} thread{'s' if threads > 1 else ''}" if cpu else ""
+            for mode in ("eager", "compiled"):
+                tps = med(results[mode])
+                shares = [t * per_token / (b * 1e9) for t, b in zip(results[mode], results["bw"])]
+                rows.append((f"(e) batch-1 decode, {mode}{where}", f"{tps:.1f}",
+                             f"limit {bw * 1e9 / per_token:.1f} ({bw:.1f} GB/s read, {per_token / 1e6:.1f} MB/token)",
+                             f"{tps * per_token / (bw * 1e9):.0%} of the read bandwidth (rounds "
+                             f"{min(shares):.0%}-{max(shares):.0%})"))
+            if results["hf"]:
+                tps = med(results["hf"])
+                rows.append(("    transformers, static cache + compile", f"{tps:.1f}", "",
+                             f"{tps * per_token / (bw * 1e9):.0%}"))
     if cpu and want("f"):  # tensor parallelism: one request faster; and pp against tp for throughput
         for batch in (1, 8):
             sub = write_prompts(os.path.join(tmp, f"f{batch}.jsonl"), prompts[:batch])
