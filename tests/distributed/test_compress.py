@@ -146,3 +146,36 @@ def test_int4_groups_cut_by_tp_are_refused_in_one_line(tmp_path):
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and "int4 group of 64" in lines[0] and "group size that divides 32" in lines[0], proc.stderr
+
+
+def test_int4_head_rows_the_kernel_cannot_run_are_refused(tmp_path):
+    """A quantized int4 head split by vocabulary rows at tp=2: a part whose row count is not a multiple of 16
+    (the int4 kernel's tile) is refused in one line naming the way out, before anything runs."""
+    import torch
+    import transformers
+
+    from framework.cli import UserError
+    from framework.compress.quantize import load_quantized
+    from framework.compress.run import compress
+    from framework.config import CompressConfig, QuantConfig
+    from framework.infer.loader import read_hf_config, read_model_args, vocab_range
+    from framework.models.llama import Llama
+    from tests.helpers import make_hf_model
+
+    src = tmp_path / "hf"
+    make_hf_model(str(src), n_layers=1, init_std=0.05)  # its tokenizer; the weights are replaced below
+    # a head the int4 kernel takes whole (a multiple of 16 rows) but not in halves (136 rows a rank)
+    cfg = transformers.LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
+    out = compress(CompressConfig(model_dir=str(src), out=str(tmp_path / "int4"), method="int4",
+                                  quant=QuantConfig(group_size=32, head=True)))
+    args = read_model_args(out)
+    qconfig = read_hf_config(out)["quantization_config"]
+    lo, hi = vocab_range(args.vocab_size, 2, 0)
+    assert (hi - lo) % 16, f"the test needs a vocabulary whose halves are not multiples of 16 ({args.vocab_size})"
+    with torch.device("meta"):
+        model = Llama(args)
+    with pytest.raises(UserError, match=rf"lm_head: infer.tp=2 leaves {hi - lo} output rows a rank.*use another "
+                                        r"tp, or int8"):
+        load_quantized(model, out, ["lm_head.weight"], qconfig, "cpu", torch.float32, 2, 0, lambda rest: None)
