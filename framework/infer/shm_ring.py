@@ -15,7 +15,8 @@ The writer waits while all K slots are full, copies into slot ``written % K`` an
 count; the reader waits for ``written > read``, copies out and stores the new read count. Each counter has one
 writer, and x86's stores become visible in program order, so a reader that sees a count sees the bytes before
 it (this module is used only on x86-64; elsewhere the process groups serve). The segment is unlinked as soon as
-both ends have mapped it, so nothing outlives the job.
+both ends have mapped it, so nothing outlives the job; a segment whose creator died before that (killed during
+the connect) carries the creator's pid in its name, and the next job's connect removes it (``sweep_orphans``).
 
 A waiting end polls briefly, then yields its core for up to 20 ms (a core that another process wants goes to
 it), then sleeps in growing steps (an idle server's followers wake a thousand times a second at most), and checks
@@ -50,6 +51,47 @@ def pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
+def segment_name(uid: int, token: str, kind: str, rank: int, creator_pid: int) -> str:
+    """A ring segment's name in /dev/shm: this user's, this job's (token), and its creator's pid last."""
+    return f"miaotui_{uid}_{token}_{kind}_{rank}_{creator_pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_orphans(directory: str = "/dev/shm") -> list[str]:
+    """Remove this user's ring segments whose creator process no longer exists (a rank killed between creating
+    its segment and the unlink after the connect). A live job's segments are left alone: their creators live,
+    and a mapped segment outlives its name anyway. Returns the names removed."""
+    prefix = f"miaotui_{os.getuid()}_"
+    gone = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return gone
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name.rsplit("_", 1)[1])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            try:
+                os.unlink(os.path.join(directory, name))
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
 
 
 class PeerGone(RuntimeError):
@@ -102,12 +144,8 @@ class Channel:
                 self._check_peer()
 
     def _check_peer(self) -> None:
-        if self.peer_pid is None:
-            return
-        try:
-            os.kill(self.peer_pid, 0)
-        except ProcessLookupError:
-            raise PeerGone(f"the pipeline peer process {self.peer_pid} has exited") from None
+        if self.peer_pid is not None and not _alive(self.peer_pid):
+            raise PeerGone(f"the pipeline peer process {self.peer_pid} has exited")
 
     # -- one message ---------------------------------------------------------------------------------------
     def send(self, parts: list[torch.Tensor]) -> None:

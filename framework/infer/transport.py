@@ -135,7 +135,8 @@ class ShmTransport:
         prev = rank - tp if stage > 0 else None
         nxt = rank + tp if stage < pp - 1 else None
         last_leader = (pp - 1) * tp
-        path = lambda kind, r: f"/dev/shm/miaotui_{os.getuid()}_{token}_{kind}_{r}"  # noqa: E731
+        shm_ring.sweep_orphans()  # segments of an earlier job killed during its connect
+        path = lambda kind, r: "/dev/shm/" + shm_ring.segment_name(os.getuid(), token, kind, r, pids[r])  # noqa: E731
         fwd_bytes = plan_capacity * 8 + max_tokens * dim * torch.tensor([], dtype=dtype).element_size()
         ret_bytes = (max_tokens + 1) * 8
         slots = lanes + 2  # a sender never has more than its lanes' steps (and the stop) unread: it never blocks

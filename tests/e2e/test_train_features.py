@@ -24,7 +24,14 @@ def test_stdlib_validation_loss_far_below_unigram_entropy(tmp_path):
 
 
 def test_deepspeed_launcher_one_run_directory(tmp_path):
-    """The deepspeed launcher passes --local_rank=N, which Hydra alone rejects; every rank shares run_dir."""
+    """The deepspeed launcher passes --local_rank=N, which Hydra alone rejects; every rank shares run_dir. The
+    job leaves none of the 66 MiB /dev/shm segments a rank that DeepSpeed's CPU all-reduce creates under this
+    launcher (it sets LOCAL_SIZE) and never removes."""
+    def segments() -> set[str]:
+        prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
+        return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)} if os.path.isdir("/dev/shm") else set()
+
+    before = segments()
     run = tmp_path / "run"
     deepspeed = os.path.join(os.path.dirname(PYTHON), "deepspeed")
     proc = subprocess.run([deepspeed, "--num_gpus", "2", os.path.join(REPO, "framework", "train.py"), *TINY_TRAIN,
@@ -39,6 +46,7 @@ def test_deepspeed_launcher_one_run_directory(tmp_path):
     assert sorted(losses(str(run))) == list(range(1, 7))
     assert sorted(os.listdir(tmp_path)) == ["run"]  # no per-rank output folders, no outputs/
     assert (run / "config.yaml").is_file()
+    assert segments() <= before
 
 
 def test_hydra_sweep_one_run_directory_per_job(tmp_path):

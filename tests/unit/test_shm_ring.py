@@ -76,3 +76,21 @@ def test_a_dead_peer_is_an_error_not_a_hang(pair):
     with pytest.raises(shm_ring.PeerGone, match=str(gone.pid)):
         reader.recv()
     assert time.perf_counter() - t0 < 2
+
+
+def test_segments_of_a_dead_creator_are_swept(tmp_path):
+    """A rank killed between creating its segment and the unlink after the connect leaves a name in /dev/shm;
+    the next connect removes it, and only it (a live creator's, another user's and foreign files stay)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    uid = os.getuid()
+    names = {
+        "orphan": shm_ring.segment_name(uid, "t1", "fwd", 1, dead.pid),
+        "live": shm_ring.segment_name(uid, "t2", "fwd", 1, os.getpid()),
+        "other user": shm_ring.segment_name(uid + 1, "t3", "ret", 0, dead.pid),
+        "foreign": "something_else_1",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert shm_ring.sweep_orphans(str(tmp_path)) == [names["orphan"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "orphan")
