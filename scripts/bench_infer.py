@@ -276,7 +276,8 @@ def main() -> None:
         # CPU also every core, the machine's whole read bandwidth
         sub = write_prompts(os.path.join(tmp, "e.jsonl"), prompts[:1])
         per_token = bytes_per_token(path, 2 if dtype == "bf16" else 4, context=8 + a.new // 2)
-        thread_counts = [1, os.cpu_count()] if cpu and (os.cpu_count() or 1) > 1 else [1]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        thread_counts = [1, cores] if cpu and cores > 1 else [1]
         for threads in thread_counts:
             results = {"eager": [], "compiled": [], "bw": [], "hf": []}
             for _ in range(a.repeats):
@@ -319,7 +320,8 @@ def main() -> None:
             pp2.append(run_ours(path, 2, None, 48, None, dtype, device, sub)["tokens_per_s"])
             tp2.append(run_ours(path, 1, None, 48, None, dtype, device, sub, tp=2)["tokens_per_s"])
         rows.append(("(f) batch 128 x 48: pp=2", f"{med(pp2):.1f}", f"tp=2: {med(tp2):.1f}", ratio_cell(pp2, tp2)))
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread/process"
+    name = (torch.cuda.get_device_name() if device == "cuda"
+            else f"CPU, {os.cpu_count()} cores, 1 thread/process ((e) also on every core)")
     print(f"\nbench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}")
     print(f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<42} |")
     print(f"|{'-' * 44}|{'-' * 12}|{'-' * 50}|{'-' * 44}|")

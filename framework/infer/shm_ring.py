@@ -53,9 +53,15 @@ def pid_namespace() -> str:
         return ""
 
 
+def _namespace_id() -> str:
+    """The digits of this process's PID namespace ("pid:[4026531836]" -> "4026531836"), "" where unknown."""
+    return "".join(c for c in pid_namespace() if c.isdigit())
+
+
 def segment_name(uid: int, token: str, kind: str, rank: int, creator_pid: int) -> str:
-    """A ring segment's name in /dev/shm: this user's, this job's (token), and its creator's pid last."""
-    return f"miaotui_{uid}_{token}_{kind}_{rank}_{creator_pid}"
+    """A ring segment's name in /dev/shm: this user's, this job's (token), then its creator's PID namespace and
+    pid, so that ``sweep_orphans`` judges a creator only where its pid means something."""
+    return f"miaotui_{uid}_{token}_{kind}_{rank}_{_namespace_id()}_{creator_pid}"
 
 
 def _alive(pid: int) -> bool:
@@ -63,29 +69,27 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
+    except (PermissionError, OverflowError, ValueError):  # someone else's process, or not a pid: leave it be
         return True
     return True
 
 
 def sweep_orphans(directory: str = "/dev/shm") -> list[str]:
-    """Remove this user's ring segments whose creator process no longer exists (a rank killed between creating
-    its segment and the unlink after the connect). A live job's segments are left alone: their creators live,
-    and a mapped segment outlives its name anyway. Returns the names removed."""
-    prefix = f"miaotui_{os.getuid()}_"
+    """Remove this user's ring segments whose creator process, in this PID namespace, no longer exists (a rank
+    killed between creating its segment and the unlink after the connect). A live job's segments are left
+    alone, and so are those made in another PID namespace (containers that share /dev/shm), whose pids mean
+    nothing here. Returns the names removed."""
+    prefix, ns = f"miaotui_{os.getuid()}_", _namespace_id()
     gone = []
     try:
         names = os.listdir(directory)
     except OSError:
         return gone
     for name in names:
-        if not name.startswith(prefix):
+        parts = name.rsplit("_", 2)
+        if not name.startswith(prefix) or len(parts) != 3 or not ns or parts[1] != ns or not parts[2].isdigit():
             continue
-        try:
-            pid = int(name.rsplit("_", 1)[1])
-        except ValueError:
-            continue
-        if not _alive(pid):
+        if not _alive(int(parts[2])):
             try:
                 os.unlink(os.path.join(directory, name))
                 gone.append(name)
