@@ -120,13 +120,6 @@ def read_bandwidth_gbs(device: str, threads: int = 1) -> float:
     """What ``threads`` threads (CPU) or the device (GPU) read per second: the best of several sums of 1 GiB."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        return _read_bandwidth(device)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _read_bandwidth(device: str) -> float:
     x = torch.ones(2**28, dtype=torch.float32, device=device)
     best = 0.0
     for _ in range(6):
@@ -137,6 +130,7 @@ def _read_bandwidth(device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    torch.set_num_threads(before)
     return best
 
 

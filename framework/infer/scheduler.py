@@ -184,7 +184,7 @@ class Scheduler:
                       for i in range(n_lanes)]
         self.in_flight = [False] * n_lanes
         self.waiting: deque[Request] = deque()
-        self.prefill_chunk, self.eos_id, self.tokenizer, self.policy = prefill_chunk, eos_id, tokenizer, policy
+        self.eos_id, self.tokenizer, self.policy = eos_id, tokenizer, policy
         self.lane_budget = -(-prefill_chunk // n_lanes)  # prompt tokens a lane's step may prefill
         self.max_len = max_len
         self._next = 0

@@ -17,7 +17,6 @@ Functional collectives keep the decode step traceable by ``torch.compile``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from framework.parallel.distributed import broadcast_object
+from framework.parallel.distributed import broadcast_object, unlink_deepspeed_shm
 
 
 def load_shm_allreduce(dtype: torch.dtype) -> bool:
@@ -63,9 +62,7 @@ def load_shm_allreduce(dtype: torch.dtype) -> bool:
         else:
             os.environ["MASTER_PORT"] = port
     dist.barrier()  # every rank has mapped every segment: the names can go
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_miaotui{token}_{rank}"
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join("/dev/shm", name))
+    unlink_deepspeed_shm(f"miaotui{token}")
     return True
 
 

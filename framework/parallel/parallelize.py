@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from framework.config import ParallelConfig, TrainerConfig
+from framework.parallel.distributed import unlink_deepspeed_shm
 from framework.parallel.topology import Topology
 
 # Column-parallel: split the output features (and their bias); row-parallel: split the input features and
@@ -93,21 +94,21 @@ def init_deepspeed_comm(topo: Topology) -> None:
     gives each rank a 66 MiB segment in /dev/shm named after MASTER_ADDR, MASTER_PORT and the rank, and never
     removes it: every such job left ranks x 66 MiB of memory behind (12 GiB here after a few test runs), and a
     later job on the same address and port could open a dead job's segment. Once every rank has mapped every
-    segment (the op opens all of them before it returns), each rank removes its name; the memory lives as long
-    as the mappings, and goes with the job."""
+    segment (the op opens all of them before it returns), each rank removes its name (``unlink_deepspeed_shm``).
+    """
     import deepspeed
     import deepspeed.comm.comm as ds_comm
 
+    fresh = ds_comm.cdb is None  # a later call finds the segments dealt with
     with contextlib.redirect_stdout(sys.stdout if topo.is_rank0 else io.StringIO()):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    if not fresh:
+        return
     world = torch.distributed.get_world_size()
     if world > 1:
         torch.distributed.barrier()  # on every rank, whatever each one's op did
     if getattr(ds_comm.cdb, "shm_comm_op", None) is not None and os.environ.get("LOCAL_SIZE") == str(world):
-        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
+        unlink_deepspeed_shm(os.environ.get("MASTER_PORT", ""))
 
 
 @contextlib.contextmanager
