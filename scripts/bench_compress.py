@@ -11,6 +11,8 @@
    medians and the int rows' ratio to fp32 of the same round. The small model (1M parameters, 4 MB) sits in
    cache and its steps are Python overhead; so the same speed columns are measured on the 125m flavor's shape
    (untrained weights: speed does not depend on their values), where decode reads the weights from memory.
+5. Writes the table (bench_compress.md), its figures (bench_compress.json) and the plot of held-out perplexity
+   against bits per weight (bench_compress_ppl_vs_bits.png, ``framework.report``) into ``--work``.
 
     flock /tmp/miaotui-bench.lock .venv/bin/python scripts/bench_compress.py             # CPU, ~10-15 min
     python scripts/bench_compress.py --gpu        # on a CUDA machine, under 2 minutes: the 1B flavor's decode-step
@@ -459,9 +461,15 @@ def main() -> None:
     print(table)
     with open(os.path.join(a.work, "bench_compress.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(a.work, "bench_compress.json"), "w") as f:
-        json.dump({"ppl": ppl, "agreement": agree, "small_pp1": small1["speed"], "small_pp2": small2["speed"],
-                   "big_pp1": big1 and big1["speed"], "big_pp2": big2 and big2["speed"], "unigram_ppl": unigram}, f)
+    from framework.report import write_bench_json
+    from framework.report.bench import variant_bits
+
+    # the JSON beside the table, and the perplexity-against-bits plot beside it (framework/report/bench.py)
+    write_bench_json({"bench": "compress", "ppl": ppl, "agreement": agree, "small_pp1": small1["speed"],
+                      "small_pp2": small2["speed"], "big_pp1": big1 and big1["speed"], "big_pp2": big2 and big2["speed"],
+                      "unigram_ppl": unigram, "bits": {row: variant_bits(row) for row in SMALL_ROWS},
+                      "size_mib": {row: dir_mb(dirs[row]) for row in SMALL_ROWS}, "steps": a.steps},
+                     os.path.join(a.work, "bench_compress.json"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
     one thread and every core; GPU: the 1B flavor in bf16, beside transformers generate() with a static cache and
     torch.compile).
 Every case runs --repeats times (3), interleaved with its baseline, so that slow spells of a shared machine fall on
-both; the table gives medians, and the range of the per-round ratios.
+both; the table gives medians, and the range of the per-round ratios. The table, every round's figures (JSON) and
+the plots (throughput against batch size and layout, latency CDFs of (d); ``framework.report``) go beside ``--out``.
 
     python scripts/bench_infer.py                 # CPU: (a) the CPU default's shape and a 30M Llama; (b)-(e) the 30M
     python scripts/bench_infer.py --only d        # one part
@@ -47,6 +48,16 @@ SHAPES = {
                 num_key_value_heads=4),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+PART_TITLES = {  # the plots' panel titles
+    "a": "(a) pp=1 decode: ours against transformers generate()",
+    "b": "(b) one batch of every request: pp=2 against pp=1",
+    "c": "(c) defaults, 128 requests x 48 tokens",
+    "d": "(d) continuous against static batching, max_batch 64",
+    "e": "(e) batch-1 decode against the read-bandwidth limit",
+    "f": "(f) tensor parallelism: decode, and pp=2 against tp=2",
 }
 
 
@@ -84,7 +95,10 @@ def run_ours(path, pp, batch, new, micro, dtype, device, prompts_file, extra=(),
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
     with open(summary) as f:
-        return json.load(f)
+        result = json.load(f)
+    with open(f"{summary}.jsonl") as f:  # every request's timings, for the latency CDFs of (d)
+        result["latencies_s"] = [r["latency_s"] for r in map(json.loads, f) if r.get("latency_s") is not None]
+    return result
 
 
 def run_hf(path, batch, new, dtype, device, prompts) -> float:
@@ -186,6 +200,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256, help="(b): requests, all decoded as one batch")
     ap.add_argument("--repeats", type=int, default=None,
                     help="rounds over the configurations, interleaved (medians reported); 3 on CPU, 1 on a GPU")
+    ap.add_argument("--out", default=None, help="the JSON of every round (the table .md and the PNGs beside it); "
+                    "default runs/bench_infer/bench_infer[_<flavor>][_<part>].json")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.repeats = a.repeats or (3 if device == "cpu" else 1)
@@ -201,6 +217,7 @@ def main() -> None:
     cpu = device == "cpu"
     want = (lambda part: a.only in (None, part))
     rows = []
+    cases = []  # every round's figures, for the JSON and the plots (framework/report/bench.py reads them)
     for flavor in flavors if want("a") else []:
         for batch in (1, 8):
             n = 4 if batch == 1 else 64  # runs of a few seconds at least: shorter ones are at the mercy of the VM
@@ -213,6 +230,10 @@ def main() -> None:
                 if cpu and flavor == "30m":  # what packing the fp32 weights adds
                     plain.append(run_ours(model, 1, batch, a.new, 1, dtype, device, sub,
                                           ["infer.packed_weights=false"])["tokens_per_s"])
+            for system, values in (("miaotui", ours), ("transformers generate()", hf), ("miaotui, unpacked weights", plain)):
+                if values:
+                    cases.append({"part": "a", "series": f"{system} ({flavor})", "batch": batch, "pp": 1,
+                                  "metric": "tokens_per_s", "values": values})
             rows.append((f"(a) {flavor} pp=1 decode, batch {batch}", f"{med(ours):.1f}",
                          f"transformers generate(): {med(hf):.1f}", ratio_cell(ours, hf)))
             if plain:
@@ -228,6 +249,10 @@ def main() -> None:
             for name, pp, micro in configs:
                 runs[name].append(run_ours(path, pp, a.requests, a.new, micro, dtype, device, pfile))
         base = runs["pp=1"]
+        for name, pp, micro in configs:
+            for key in ("tokens_per_s", "decode_tokens_per_s"):
+                cases.append({"part": "b", "label": name.replace("(b) ", ""), "pp": pp,
+                              "micro": micro, "batch": a.requests, "metric": key, "values": [r[key] for r in runs[name]]})
         for name, _, _ in configs[1:]:
             rs = runs[name]
             for key, label in (("tokens_per_s", name), ("decode_tokens_per_s", "    decode only (after the first token)")):
@@ -242,6 +267,8 @@ def main() -> None:
         for _ in range(a.repeats):
             one.append(run_ours(path, 1, None, 48, None, dtype, device, sub)["tokens_per_s"])
             two.append(run_ours(path, 2, None, 48, None, dtype, device, sub)["tokens_per_s"])
+        cases += [{"part": "c", "label": f"pp={pp}, defaults", "pp": pp, "batch": 128, "metric": "tokens_per_s",
+                   "values": v} for pp, v in ((1, one), (2, two))]
         rows.append(("(c) defaults: 128 requests x 48, pp=2", f"{med(two):.1f}", f"pp=1 defaults: {med(one):.1f}",
                      ratio_cell(two, one)))
     if cpu and want("d"):  # continuous against static batching, output lengths that vary
@@ -255,6 +282,10 @@ def main() -> None:
         for _ in range(a.repeats):
             for pp, pol in runs:
                 runs[(pp, pol)].append(run_ours(path, pp, 64, 256, None, dtype, device, sub, [f"infer.scheduler={pol}"]))
+        for (pp, pol), rs in runs.items():
+            cases.append({"part": "d", "label": f"{pol}, pp={pp}", "pp": pp, "scheduler": pol, "batch": 64,
+                          "metric": "tokens_per_s", "values": [r["tokens_per_s"] for r in rs],
+                          "latencies_s": [x for r in rs for x in r["latencies_s"]]})
         for pp in (1, 2):
             c, st = runs[(pp, "continuous")], runs[(pp, "static")]
 
@@ -284,6 +315,12 @@ def main() -> None:
                     results["hf"].append(hf_static_compiled(path, a.new, tdtype, device, prompts[0]))
             bw = med(results["bw"])
             where = f", {threads} thread{'s' if threads > 1 else ''}" if cpu else ""
+            for label, values in (("eager", results["eager"]), ("compiled", results["compiled"]),
+                                  ("transformers, static cache", results["hf"]),
+                                  ("read-bandwidth limit", [b * 1e9 / per_token for b in results["bw"]])):
+                if values:
+                    cases.append({"part": "e", "label": label + where, "batch": 1, "threads": threads,
+                                  "metric": "decode_tokens_per_s", "values": values})
             for mode in ("eager", "compiled"):
                 tps = med(results[mode])
                 shares = [t * per_token / (b * 1e9) for t, b in zip(results[mode], results["bw"])]
@@ -304,6 +341,9 @@ def main() -> None:
                 two.append(run_ours(path, 1, batch, a.new, None, dtype, device, sub, tp=2)["decode_tokens_per_s"])
                 gloo.append(run_ours(path, 1, batch, a.new, None, dtype, device, sub, ["infer.allreduce=backend"],
                                      tp=2)["decode_tokens_per_s"])
+            for series, tp, values in (("tp=1", 1, one), ("tp=2", 2, two), ("tp=2, gloo all-reduce", 2, gloo)):
+                cases.append({"part": "f", "series": series, "tp": tp, "batch": batch, "metric": "decode_tokens_per_s",
+                              "values": values})
             rows.append((f"(f) tp=2 decode, batch {batch}", f"{med(two):.1f}", f"tp=1: {med(one):.1f}",
                          ratio_cell(two, one)))
             rows.append(("    tp=2 with gloo's all-reduce", f"{med(gloo):.1f}", f"tp=1: {med(one):.1f}",
@@ -313,14 +353,25 @@ def main() -> None:
         for _ in range(a.repeats):
             pp2.append(run_ours(path, 2, None, 48, None, dtype, device, sub)["tokens_per_s"])
             tp2.append(run_ours(path, 1, None, 48, None, dtype, device, sub, tp=2)["tokens_per_s"])
+        cases += [{"part": "f", "label": label, "pp": pp, "tp": tp, "batch": 128, "metric": "tokens_per_s",
+                   "values": v} for label, pp, tp, v in (("pp=2", 2, 1, pp2), ("tp=2", 1, 2, tp2))]
         rows.append(("(f) batch 128 x 48: pp=2", f"{med(pp2):.1f}", f"tp=2: {med(tp2):.1f}", ratio_cell(pp2, tp2)))
     name = (torch.cuda.get_device_name() if device == "cuda"
             else f"CPU, {os.cpu_count()} cores, 1 thread/process ((e) also on every core)")
-    print(f"\nbench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}")
-    print(f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<42} |")
-    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 50}|{'-' * 44}|")
-    for r in rows:
-        print(f"| {r[0]:<42} | {r[1]:>10} | {r[2]:<48} | {r[3]:<42} |")
+    lines = [f"bench_infer: {a.flavor} model, {a.new} new tokens, {dtype}, {name}",
+             f"| {'case':<42} | {'ours tok/s':>10} | {'baseline tok/s':<48} | {'ratio':<42} |",
+             f"|{'-' * 44}|{'-' * 12}|{'-' * 50}|{'-' * 44}|"]
+    lines += [f"| {r[0]:<42} | {r[1]:>10} | {r[2]:<48} | {r[3]:<42} |" for r in rows]
+    print("\n" + "\n".join(lines))
+    out = a.out or os.path.join(REPO, "runs", "bench_infer", "bench_infer" + ("" if a.flavor == "cpu" else f"_{a.flavor}")
+                                + (f"_{a.only}" if a.only else "") + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out[: -len(".json")] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    from framework.report import write_bench_json
+
+    write_bench_json({"bench": "infer", "device": name, "flavor": a.flavor, "dtype": dtype, "new_tokens": a.new,
+                      "repeats": a.repeats, "parts": PART_TITLES, "cases": cases}, out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ that they ran the same model.
     flock /tmp/miaotui-bench.lock python scripts/bench_serve.py                  # the 30M Llama of bench_infer, pp=2
     flock /tmp/miaotui-bench.lock python scripts/bench_serve.py --model runs/x/export --rates 1,4,16 --requests 64
     python scripts/bench_serve.py --no-baseline --pp 1                           # ours only
+    python scripts/bench_serve.py --static       # also ours with static batching (infer.scheduler=static)
+
+Every figure, with each request's timings, goes to ``--out`` (JSON), and the plots beside it: TTFT, TPOT and
+tokens/s against the arrival rate, and per rate the CDF of request latency of every server (``framework.report``).
 
 Both servers get the whole machine: ours as ``--pp`` processes of one thread each (one pipeline stage a core),
 transformers with OMP_NUM_THREADS = the cores.
@@ -167,6 +171,17 @@ def summarize(recs: list[dict]) -> dict:
             "tpot_p99_s": pct(tpot, 0.99), "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99)}
 
 
+def request_timings(recs: list[dict]) -> list[dict]:
+    """Each answered request's TTFT, TPOT and latency (send to last byte), for the latency CDFs."""
+    out = []
+    for r in recs:
+        if r["error"] is not None or r["t_first"] is None:
+            continue
+        out.append({"ttft_s": r["t_first"] - r["t_send"], "latency_s": r["t_end"] - r["t_send"], "tokens": r["tokens"],
+                    "tpot_s": (r["t_end"] - r["t_first"]) / (r["tokens"] - 1) if r["tokens"] > 1 else None})
+    return out
+
+
 def bench_server(server: Server, prompts: list[str], rates: list[float], max_tokens: int, seed: int) -> dict:
     server.wait_ready()
     # warm-up: the first requests pay one-time costs (transformers builds its batching manager, compiles, ...)
@@ -175,7 +190,7 @@ def bench_server(server: Server, prompts: list[str], rates: list[float], max_tok
     for rate in rates:
         recs = asyncio.run(run_rate(server, prompts, rate, max_tokens, seed))
         out[rate] = {"summary": summarize(recs), "texts": [r["text"] for r in recs],
-                     "errors": sorted({r["error"] for r in recs if r["error"]})}
+                     "errors": sorted({r["error"] for r in recs if r["error"]}), "requests": request_timings(recs)}
         s = out[rate]["summary"]
         print(f"[bench_serve] {server.name} rate {rate}/s: {s['output_tokens_per_s']:.1f} tok/s, "
               f"ttft p50 {s['ttft_p50_s']} p99 {s['ttft_p99_s']}, errors {s['errors']}", file=sys.stderr, flush=True)
@@ -197,8 +212,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="transformers' OMP_NUM_THREADS")
     ap.add_argument("--ours", nargs="*", default=[], help="more overrides for framework.serve (infer.max_batch=64 ...)")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers serve")
+    ap.add_argument("--static", action="store_true",
+                    help="also run ours with static batching (infer.scheduler=static): the latency CDFs compare them")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="write every figure as JSON here")
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_serve", "bench_serve.json"),
+                    help="write every figure as JSON here, the plots beside it")
     args = ap.parse_args()
 
     rates = [float(r) for r in args.rates.split(",")]
@@ -227,6 +245,14 @@ def main() -> None:
         results["miaotui"] = bench_server(ours, prompts, rates, args.max_tokens, args.seed)
     finally:
         ours.stop()
+    if args.static:
+        port = free_port()
+        cmd = [a for a in ours_cmd if not a.startswith("serve.port=")] + [f"serve.port={port}", "infer.scheduler=static"]
+        static = Server("miaotui static", cmd, 1, port, "bench", os.path.join(work, "ours-static.log"))
+        try:
+            results["miaotui static"] = bench_server(static, prompts, rates, args.max_tokens, args.seed)
+        finally:
+            static.stop()
     if not args.no_baseline:
         port = free_port()
         hf_cmd = [os.path.join(os.path.dirname(PY), "transformers"), "serve", model, "--continuous-batching",
@@ -262,9 +288,10 @@ def main() -> None:
                   f"one a prefix of the other {prefix}/{len(a['texts'])} (a stream that ends in an incomplete "
                   f"character may drop it)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": {n: {str(r): v for r, v in res.items()}
-                                                       for n, res in results.items()}}, f, indent=1)
+        from framework.report import write_bench_json
+
+        write_bench_json({"bench": "serve", "args": vars(args),
+                          "results": {n: {str(r): v for r, v in res.items()} for n, res in results.items()}}, args.out)
     shutil.rmtree(work, ignore_errors=True)  # the built model and the servers' logs (kept when a server failed)
 
 

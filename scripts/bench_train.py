@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--dp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--zero", type=int, default=1, help="ZeRO stage")
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
-    ap.add_argument("--json", help="also write the rows here (scripts/gpu_check.sh reads them)")
+    ap.add_argument("--json", help="also write the rows here (scripts/gpu_check.sh reads them), and their plot beside it")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--run-dir")
     ap.add_argument("--out")
@@ -126,10 +126,11 @@ def main() -> None:
             sys.exit(proc.stderr[-4000:])
         with open(out) as f:
             rows.append(json.load(f))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump([{**r, "model": a.model, "precision": a.precision, "zero": a.zero, "ac": a.ac, "seq": a.seq,
-                        "micro": a.micro, "accum": a.accum} for r in rows], f)
+    if a.json:  # the rows, and the plot of both loops' tokens/s and MFU beside them (framework/report/bench.py)
+        from framework.report import write_bench_json
+
+        write_bench_json([{**r, "model": a.model, "precision": a.precision, "zero": a.zero, "ac": a.ac, "seq": a.seq,
+                           "micro": a.micro, "accum": a.accum} for r in rows], a.json)
     print(f"\nbench_train: model={a.model} precision={a.precision} zero={a.zero} activation_checkpointing={a.ac} "
           f"seq={a.seq} micro={a.micro} accum={a.accum} steps={a.steps} device={rows[0]['device']}")
     print("| dp | plain loop tok/s | ours tok/s | overhead | plain MFU | ours MFU |")
