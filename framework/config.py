@@ -32,31 +32,59 @@ class SyntheticConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of ``data.mixture``: where its documents come from and its share of the mixture."""
+
+    source: str = "stdlib"
+    """synthetic (data.synthetic), stdlib, files or hub."""
+    weight: float = 1.0
+    """Share of the mixture's characters (weights need not sum to 1); the mixture ends when a source runs out."""
+    paths: list[str] = field(default_factory=list)
+    """Files, directories or globs for source=files."""
+    text_field: str = "text"
+    """Column holding the text in JSONL/Parquet/hub data."""
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    max_chars: int | None = None
+    """Opt-in cap on the characters read from this source; None reads all of it."""
+
+
+@dataclass
 class DataConfig:
-    """Where text comes from and how it becomes fixed-length token blocks."""
+    """Where text comes from, the token store it becomes, and how blocks are drawn from it."""
 
     source: str = "synthetic"
     """synthetic, stdlib (this Python's own standard library source), files (local text/JSONL/Parquet) or hub."""
     paths: list[str] = field(default_factory=list)
-    """Local files for source=files (.txt, .jsonl, .json, .parquet)."""
+    """Local files, directories or globs for source=files (.txt, .md, .py, .jsonl, .json, .parquet)."""
     text_field: str = "text"
     """Column holding the text in JSONL/Parquet/hub data."""
     hub_name: str | None = None
-    """Hub dataset name for source=hub (needs network)."""
+    """Hub dataset name (or a local dataset directory) for source=hub, read with datasets' streaming."""
     hub_config: str | None = None
     """Hub dataset configuration name."""
     hub_split: str = "train"
     """Hub split to read."""
-    max_chars: int = 4_000_000
-    """Cap on corpus characters read (stdlib, files, hub); 0 means no cap."""
+    max_chars: int | None = None
+    """Opt-in cap on the corpus characters read; None (the default) reads every document."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Several weighted sources instead of ``source``: [{source: stdlib, weight: 0.3}, {source: files, paths: [..],
+    weight: 0.7}]."""
+    store: str | None = None
+    """A token store made by ``python -m framework.prepare``; None prepares one into run_dir/data."""
+    packing: str = "concat"
+    """concat (blocks run across documents) or document (positions restart and attention stops at each document)."""
     tokenizer: str | None = None
     """A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus."""
     vocab_size: int = 2048
     """Vocabulary of the trained BPE tokenizer."""
+    bpe_train_chars: int = 200_000_000
+    """The trained BPE learns from the corpus' first this many characters (its memory grows with their words)."""
     val_fraction: float = 0.02
-    """Share of packed blocks held out for validation (non-synthetic sources)."""
-    num_proc: int = 2
-    """Processes for tokenization with datasets.map."""
+    """Share of documents held out for validation (a seeded, evenly spaced rule; synthetic data has its own)."""
+    num_proc: int | None = None
+    """Tokenizing worker processes; None uses every core available."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -143,9 +171,12 @@ class CheckpointConfig:
     every: int = 0
     """Save every N steps (and at the end when > 0 or export is on); 0 saves only at the end."""
     keep: int = 2
-    """Keep the newest K checkpoints."""
+    """Keep the newest K checkpoints of the run's lineage (after a rollback, the abandoned branch goes first)."""
     resume: str = "latest"
-    """latest (resume if a checkpoint exists), none, or a checkpoint path."""
+    """latest (resume if a checkpoint exists; the newest that verifies), none, or a checkpoint path."""
+    verify: str = "fast"
+    """How a checkpoint is checked before resuming: fast (every file's size, the sha256 of files up to 64 MiB and of
+    samples of larger ones) or full (the sha256 of every byte: reads the whole checkpoint once more)."""
     export: bool = True
     """Write run_dir/export (Hugging Face safetensors) at the end."""
     save_final: bool = True
@@ -168,6 +199,19 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class PrepareConfig:
+    """``python -m framework.prepare``: a corpus becomes a token store (framework/data/prepare.py)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str | None = None
+    """The store's directory; a half-built store there with the same data config is resumed."""
+    seed: int = 0
+    """Seed of the train/validation split (training's seed gives training's split)."""
+    progress: bool = True
+    """A progress line (tokens/s, ETA) every few seconds."""
 
 
 @dataclass
@@ -328,6 +372,19 @@ class EvalConfig:
     """Write the result as JSON here (default: print only)."""
     cache_dir: str | None = None
     """Where the tokenized blocks are kept between runs (default: a temporary directory)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (e.g. [miaotui_sentiment,miaotui_translate]): run through the engine instead of
+    the perplexity (framework/evaluation/)."""
+    include_path: str | None = None
+    """A folder of lm-eval task YAMLs (default: the project's offline tasks, configs/lm_eval/)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt (None: each task's own default)."""
+    limit: float | None = None
+    """Evaluate at most this many examples per task (a fraction when < 1)."""
+    log_samples: bool = False
+    """Keep every request and response in the results JSON (lm-eval's --log_samples)."""
+    infer: InferConfig = field(default_factory=InferConfig)
+    """The engine that runs the tasks: infer.pp, infer.tp, infer.max_batch ... as in framework.generate."""
 
 
 @dataclass
@@ -355,6 +412,15 @@ class ServeConfig:
     """One log line per HTTP request (uvicorn's access log)."""
     dead_grace_s: float = 2.0
     """After a rank dies: seconds during which the server still answers 503 before it exits non-zero."""
+    max_body_mb: float = 8.0
+    """Largest request body in MiB; a larger one is a 413, refused before it is read."""
+    max_prompt_chars: int | None = None
+    """Most characters of prompt text (all prompts, or all messages' content) a request may send, checked before
+    tokenizing; None: 32 characters per token of the KV slot length (no tokenizer makes longer tokens of text)."""
+    group_timeout_s: int = 30 * 24 * 3600
+    """Timeout of every process group of the server (the world's and the engine's own, given explicitly): how long
+    a collective or receive may wait, and on CUDA how long rank 0 waits for a step before it declares a stage dead.
+    Idle, the engine re-arms every receive at a quarter of it (keep-alive plans), so no idle server times out."""
 
 
 @dataclass
@@ -398,6 +464,7 @@ def register_configs() -> None:
     cs.store(name="compress_schema", node=CompressConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="serve_schema", node=ServeRootConfig)

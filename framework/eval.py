@@ -1,5 +1,10 @@
-"""``python -m framework.eval model_dir=<dir> data=stdlib``: held-out token perplexity of any model directory
-(ours, compressed, or a Hugging Face one), loaded and run by the inference engine's own loader.
+"""``python -m framework.eval``: held-out perplexity, or lm-evaluation-harness tasks through the engine.
+
+    python -m framework.eval model_dir=runs/x data=stdlib                     # held-out token perplexity
+    python -m framework.eval model_dir=runs/x tasks=[miaotui_sentiment] limit=100 output=results.json
+    torchrun --nproc_per_node=2 -m framework.eval model_dir=runs/x tasks=[miaotui_translate] infer.pp=2
+
+Any model directory works (ours, compressed, or a Hugging Face one), loaded by the inference engine's own loader.
 """
 
 import os
@@ -18,9 +23,15 @@ from framework.config import EvalConfig  # noqa: E402
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
+    obj = OmegaConf.to_object(cfg)
+    if obj.tasks:
+        from framework.evaluation.tasks import run_tasks
+
+        run_tasks(obj)
+        return
     from framework.compress.evaluate import evaluate
 
-    evaluate(OmegaConf.to_object(cfg))
+    evaluate(obj)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,45 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-"$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
-  -m "framework.$WHAT" "$@" 2> >(tee "$log" >&2)
-rc=$?
+if [ "$WHAT" != serve ]; then
+  "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
+    -m "framework.$WHAT" "$@" 2> >(tee "$log" >&2)
+  rc=$?
+else
+  # A server stops by draining (framework/infer/server/runtime.py): rank 0 closes the listener, finishes the
+  # open requests and ends every rank, which exit 0. torchrun's agent would instead treat a SIGTERM or SIGINT
+  # as a failure: SIGTERM every rank, SIGKILL them after 30 s, exit non-zero. So torchrun here ignores both
+  # (a no-op handler, which its ranks do not inherit, and --signals-to-handle without them), tee ignores them
+  # (a closed stderr would break the ranks' last lines), and this script forwards them to the ranks: rank 0
+  # drains, the others wait for its STOP. A second signal a second or more later cuts the drain short.
+  # (Slurm's scancel signals every process of the step itself; rank 0 counts signals that close as one.)
+  launcher=("$PYTHON" -c 'import runpy, signal, sys
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda *_: None)
+runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)')
+  torch_dir="$(cd / && "$PYTHON" -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])")"
+  if grep -q "signals-to-handle" "$torch_dir/distributed/run.py" 2>/dev/null; then
+    launcher+=(--signals-to-handle=SIGHUP,SIGQUIT)
+  else  # an older torch handles SIGTERM and SIGINT itself: keep them from reaching it (a session of its own)
+    launcher=(setsid "${launcher[@]}")
+  fi
+  "${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}" \
+    -m "framework.$WHAT" "$@" 2> >(trap '' TERM INT; exec tee "$log" >&2) &
+  agent=$!
+  forward() {  # $1: the signal; to the ranks (torchrun's children), or to torchrun before they exist
+    local ranks
+    ranks="$(ps -o pid= --ppid "$agent" 2>/dev/null | tr -s ' \n' ' ')"
+    if [ -n "${ranks// /}" ]; then kill -s "$1" $ranks 2>/dev/null; else kill -s HUP "$agent" 2>/dev/null; fi
+  }
+  trap 'forward TERM' TERM
+  trap 'forward INT' INT
+  while kill -0 "$agent" 2>/dev/null; do
+    wait "$agent"  # returns early (> 128) when a trapped signal arrives
+  done
+  wait "$agent"
+  rc=$?
+  trap - TERM INT
+fi
 wait
 set -e
 if [ $rc -ne 0 ] && grep -q "Rendezvous\(Timeout\|Connection\|Closed\)Error\|RendezvousError" "$log"; then

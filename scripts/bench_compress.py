@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -157,14 +158,6 @@ def perplexities(dirs: dict[str, str], blocks) -> dict[str, float]:
         out[row] = math.exp(loss)
         log(f"{row}: held-out perplexity {out[row]:.3f}")
     return out
-
-
-def unigram_perplexity(blocks_train) -> float:
-    import math
-
-    from framework.data.dataset import unigram_entropy
-
-    return math.exp(unigram_entropy(blocks_train, int(blocks_train.max()) + 1))
 
 
 def agreement(tokens: dict[str, list[list[int]]]) -> dict[str, tuple[float, float]]:
@@ -411,10 +404,9 @@ def main() -> None:
     from framework.data.tokenizer import load_tokenizer
 
     blocks = held_out(export, a.work)
-    from safetensors.torch import load_file
+    from framework.data.store import TokenStore
 
-    train_blocks = load_file(os.path.join(a.work, "eval-cache", "data", "blocks.safetensors"))["train"]
-    unigram = unigram_perplexity(train_blocks)
+    unigram = math.exp(TokenStore(os.path.join(a.work, "eval-cache", "data")).unigram_entropy())
     torch.set_num_threads(1)
     ppl = perplexities(dirs, blocks)
     tok = load_tokenizer(export)

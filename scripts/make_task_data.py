@@ -1,6 +1,6 @@
-"""Write the offline task data that configs/tasks/ (lm-evaluation-harness) and the fine-tuning experiments read.
+"""Write the offline task data that configs/lm_eval/ (lm-evaluation-harness) and the fine-tuning experiments read.
 
-    python scripts/make_task_data.py [--out configs/tasks/data] [--train 2000] [--test 200] [--seed 0]
+    python scripts/make_task_data.py [--out configs/lm_eval/data] [--train 2000] [--test 200] [--seed 0]
 
 The files are committed; this script makes them again, byte for byte (tests/unit/test_task_data.py checks it).
 """
@@ -16,7 +16,7 @@ from framework.data.tasks import write_task_splits  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join("configs", "tasks", "data"))
+    ap.add_argument("--out", default=os.path.join("configs", "lm_eval", "data"))
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)

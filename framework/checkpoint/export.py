@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from framework.checkpoint.manifest import write_manifest
+from framework.checkpoint.manifest import fsync_path, publish_dir, write_manifest
 from framework.models.hf import to_hf_config
 from framework.models.llama import Llama, ModelArgs
 from framework.parallel.distributed import barrier
@@ -26,40 +26,6 @@ from framework.parallel.parallelize import tp_partition_dim
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem cannot."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def replace_dir(new: str, dst: str) -> None:
-    """Put directory ``new`` at ``dst``, replacing what is there without a moment where neither exists on disk.
-
-    Where the filesystem swaps atomically, ``dst`` is at every instant the old or the new directory. Elsewhere the
-    old one is renamed aside (``dst.old``) first and deleted only once the new one is in place.
-    """
-    if not os.path.lexists(dst):
-        os.replace(new, dst)
-        return
-    if _exchange(new, dst):
-        shutil.rmtree(new)  # now the old directory
-        return
-    aside = dst.rstrip("/") + ".old"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(dst, aside)
-    os.replace(new, dst)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def export_names_and_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
@@ -142,8 +108,9 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
             if rank == owner:
                 tensors[name] = full.to(dtype).contiguous()
             weight_map[name] = files[i]
-        if rank == owner:
+        if rank == owner:  # the writer fsyncs: on a shared filesystem another node cannot flush its cached writes
             save_file(tensors, os.path.join(tmp_dir, files[i]), metadata={"format": "pt"})
+            fsync_path(os.path.join(tmp_dir, files[i]))
         del tensors
     barrier()
     if rank == 0:
@@ -162,7 +129,7 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
         with open(os.path.join(tmp_dir, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}, f, indent=1)
         write_manifest(tmp_dir, extra_manifest)
-        replace_dir(tmp_dir, out_dir)
+        publish_dir(tmp_dir, out_dir)  # every file and directory fsynced, then swapped in
     barrier()
     return out_dir
 

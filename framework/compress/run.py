@@ -193,26 +193,43 @@ def compress(cfg: CompressConfig) -> str:
                        pruned=sorted({n.split(".")[-1] for n, _ in prunable_linears(meta_model(args))}),
                        measured_sparsity=round(sum(z for z, _ in counts) / max(sum(t for _, t in counts), 1), 4))
     new_hf["compression_config"] = summary
-    # every stage writes its shard files into out.tmp; rank 0 the index, config, tokenizer and manifest
-    tmp = out.rstrip("/") + ".tmp"
+    write_output(src, out, tensors, new_hf, cfg.max_shard_size_mb, rank, world)
     if first:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    shards = fmt.plan_shards(tensors, cfg.max_shard_size_mb)
-    counts = gather(len(shards), world)
-    wmap = fmt.write_shards(tmp, tensors, shards, sum(counts[:rank]), sum(counts))
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    parts = gather((wmap, nbytes), world)
-    if first:
-        fmt.finalize(src, tmp, out, {k: v for w, _ in parts for k, v in w.items()}, sum(b for _, b in parts), new_hf)
         before, after = fmt.dir_size_bytes(src), fmt.dir_size_bytes(out)
         print(f"compressed {src} -> {out} ({cfg.method}{f', {world} stages' if world > 1 else ''}): "
               f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB in {time.perf_counter() - t0:.1f} s", flush=True)
     barrier()
     return out
+
+
+def write_output(src: str, out: str, tensors: dict[str, torch.Tensor], hf_config: dict, max_shard_mb: int,
+                 rank: int, world: int) -> None:
+    """Every stage writes its shard files into ``out.tmp`` and fsyncs them; rank 0 adds the index, config, tokenizer
+    and manifest (``fmt.finalize``, which names the complete directory ``out.new``), fsyncs it all and swaps it in
+    for ``out``. An earlier ``out`` stays whole until then: a crash at any point leaves the old or the new output
+    complete (on a filesystem without an atomic swap, at worst the old one as ``out.old`` and the new as
+    ``out.new``; see ``replace_dir``)."""
+    import shutil
+
+    from framework.checkpoint.manifest import fsync_path, publish_dir
+    from framework.parallel.distributed import barrier
+
+    tmp, staged = out.rstrip("/") + ".tmp", out.rstrip("/") + ".new"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    shards = fmt.plan_shards(tensors, max_shard_mb)
+    counts = gather(len(shards), world)
+    wmap = fmt.write_shards(tmp, tensors, shards, sum(counts[:rank]), sum(counts))
+    for name in set(wmap.values()):  # the writer fsyncs: on a shared filesystem another node cannot flush its writes
+        fsync_path(os.path.join(tmp, name))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    parts = gather((wmap, nbytes), world)
+    if rank == 0:
+        fmt.finalize(src, tmp, staged, {k: v for w, _ in parts for k, v in w.items()},
+                     sum(b for _, b in parts), hf_config)
+        publish_dir(staged, out)
 
 
 def gather(obj, world: int) -> list:

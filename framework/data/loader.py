@@ -1,9 +1,11 @@
 """The data-parallel-rank-sharded, resumable loader.
 
+It only draws indices: ``blocks`` is anything indexable by an index tensor with a ``shape`` (the memory-mapped
+``TokenBlocks`` / ``DocumentBlocks`` of the token store, or a tensor), and nothing is loaded beyond the rows drawn.
 Every step draws one global batch of ``global_batch_size`` blocks from a seeded permutation of the training
-blocks; data-parallel rank r takes the r-th contiguous slice. The batch is sharded by the dp rank, never by the
-global rank, so every rank of one tensor-parallel group sees the same rows, and the global batch is the same set
-of rows whatever the layout: that is what makes (dp, tp) layouts comparable step by step.
+blocks, reshuffled every epoch; data-parallel rank r takes the r-th contiguous slice. The batch is sharded by the
+dp rank, never by the global rank, so every rank of one tensor-parallel group sees the same rows, and the global
+batch is the same set of rows whatever the layout: that is what makes (dp, tp) layouts comparable step by step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 
 class ShardedLoader:
-    def __init__(self, blocks: torch.Tensor, global_batch: int, dp: int, dp_rank: int, seed: int):
+    def __init__(self, blocks, global_batch: int, dp: int, dp_rank: int, seed: int):
         if blocks.shape[0] < global_batch:
             from framework.cli import UserError
 
@@ -28,8 +30,9 @@ class ShardedLoader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.blocks.shape[0], generator=g)
 
-    def next_batch(self) -> torch.Tensor:
-        """This dp rank's rows of the next global batch: (global_batch / dp, seq_len + 1)."""
+    def next_batch(self):
+        """This dp rank's rows of the next global batch: (global_batch / dp, seq_len + 1) (a ``Batch`` with document
+        packing)."""
         if self.position + self.global_batch > self._perm.numel():
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)

@@ -7,7 +7,7 @@ row shape that serves both fine-tuning and evaluation:
      "label": 0, "choices": ["negative", "positive"]}
 
 Fine-tuning reads ``prompt``/``completion`` (``data.format=prompt_completion``); the lm-evaluation-harness tasks
-under ``configs/tasks/`` read ``prompt``, ``choices`` and ``label`` (multiple choice, accuracy) or ``prompt`` and
+under ``configs/lm_eval/`` read ``prompt``, ``choices`` and ``label`` (multiple choice, accuracy) or ``prompt`` and
 ``completion`` (generation, BLEU / chrF). A completion is the label's choice after one space, the harness's own
 ``target_delimiter``, so a fine-tuned model is scored on exactly the text it was trained to write. Train and test
 rows come from disjoint seeds and the test rows are checked not to repeat a training prompt, so a score measures

@@ -6,6 +6,7 @@ into the export, and loads with ``AutoTokenizer.from_pretrained`` without any ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 
@@ -42,3 +43,15 @@ def load_tokenizer(path: str):
 def save_tokenizer(tok, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     tok.save_pretrained(path)
+
+
+def tokenizer_sha256(tok) -> str:
+    """The identity of a tokenizer: sha256 of its serialized model (vocabulary, merges, normalizer, pre-tokenizer,
+    added tokens) and its special tokens. Stable across save and load, unlike the bytes of its files."""
+    blob = tok.backend_tokenizer.to_str() + "\0" + repr((tok.eos_token, tok.bos_token, tok.pad_token))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tokenizer_dir_sha256(path: str) -> str:
+    """``tokenizer_sha256`` of the tokenizer saved in ``path``."""
+    return tokenizer_sha256(load_tokenizer(path))

@@ -49,8 +49,12 @@ def read_model_args(model_dir: str) -> ModelArgs:
     return args
 
 
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux), else the peak."""
+def rss_mb(device: torch.device | None = None) -> float:
+    """Memory this process holds in MiB: on a CUDA ``device`` the allocator's peak (``max_memory_allocated``: what
+    the weights and the cache take on the GPU, which host RSS does not see); otherwise the current resident memory
+    (Linux), else the peak."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -105,7 +109,8 @@ def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_
     for name in names:
         sl = get(name)
         cut = tp_slice(name, tuple(sl.get_shape()), model.args.vocab_size, tp, tp_rank)
-        loaded[name] = read_part(sl, cut).to(device=device, dtype=dtype)
+        # cast on the host, tensor by tensor, then copy: the device only ever holds the target dtype
+        loaded[name] = read_part(sl, cut).to(dtype).to(device)
     for name, t in loaded.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -162,7 +167,9 @@ def load_stage(model_dir: str, args: ModelArgs, stage: Stage, device: torch.devi
             load_tp_weights(model, model_dir, stage.tensor_names, tp, tp_rank, device, dtype)
         weights = StageWeights(model).eval()
         return _finish(weights, model_dir, quant, group_size, rows_hint, dtype, device, quantization, compiled)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on the meta device (free), then allocate: the stage is materialised in its target dtype, never as an fp32
+    # copy on the device first (a 70B model's stage at pp=4 in fp32 would not fit an 80 GB GPU beside its bf16 copy)
+    model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     if quantization:
         from framework.compress.quantize import load_quantized

@@ -101,6 +101,27 @@ def validate_requests(raw: list[dict], cfg: GenerateConfig, tokenizer, context: 
     return requests, errors, max_len
 
 
+def read_eos_ids(model_dir: str, tokenizer) -> frozenset[int]:
+    """The ids that end a sequence: ``eos_token_id`` of generation_config.json and config.json (an int or a list,
+    e.g. Llama 3's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's own EOS, as ``generate()`` does."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                value = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path}: not a readable JSON object ({exc}): fix or remove the file") from None
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.add(i)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
 def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_requests: int, max_len: int,
                  tokenizer, say) -> tuple[Engine, int]:
     """Load this rank's slice of its stage, size the KV cache (every rank agrees on the slot count), and wire
@@ -139,12 +160,12 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
     capacity = StepPlan.capacity(slots, inf.prefill_chunk)
     transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + inf.prefill_chunk, args.dim,
-                               dtype, lanes)
+                               dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk))
     sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
     scheduler = None
     if rank == 0:
-        scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_id=tokenizer.eos_token_id, tokenizer=tokenizer,
-                              policy=inf.scheduler, max_len=max_len)
+        scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_ids=read_eos_ids(model_dir, tokenizer),
+                              tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len)
     ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
@@ -233,7 +254,7 @@ def generate(cfg) -> dict:
     lines += payload["errors"]
     lines.sort(key=lambda x: x["line"])
     n_tokens = sum(len(s.generated) for s in finished)
-    decode_tokens = sum(len(s.generated) - 1 for s in finished)
+    decode_tokens = sum(max(len(s.generated) - 1, 0) for s in finished)  # a stop string can cut to 0 tokens
     decode_span = (max(s.t_last for s in finished) - min(s.t_first for s in finished)) if finished else 0.0
     ttfts = [x["ttft_s"] for x in lines if x.get("ttft_s") is not None]
     tpots = [x["tpot_s"] for x in lines if x.get("tpot_s") is not None]

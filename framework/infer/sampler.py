@@ -12,6 +12,7 @@ request therefore depends on nothing else in its batch, nor on the number of sta
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,44 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return each generated token's log-probability with this many most likely alternatives (0: none of them)."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first, scored in the prefill steps themselves (echo, lm-eval)."""
+
+    @property
+    def top_logprobs(self) -> int:
+        """Alternatives the last stage returns for this row's scored tokens (-1: it scores none)."""
+        return max(-1 if self.logprobs is None else self.logprobs,
+                   -1 if self.prompt_logprobs is None else self.prompt_logprobs)
+
+
+MAX_LOGPROBS = 20  # most alternatives a token can ask for (OpenAI's top_logprobs bound)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows (n, 1 + 2k) int64 for logits (n, V) and the tokens that followed (n,): the target's log-probability,
+    then the k most likely ids and their log-probabilities, floats carried as their fp32 bits so the row travels
+    in the int64 reply the ring already returns. Log-probabilities are the model's own (before temperature, top-k,
+    top-p and the repetition penalty), as OpenAI's and vLLM's are."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    cols = [lp.gather(-1, targets[:, None].clamp(min=0))]  # (n, 1)
+    ids = None
+    if k > 0:
+        top, ids = lp.topk(k, dim=-1)  # (n, k), most likely first
+        cols.append(top)
+    bits = torch.cat(cols, dim=-1).contiguous().view(torch.int32).to(torch.int64)  # (n, 1 [+ k])
+    if ids is None:
+        return bits
+    return torch.cat([bits[:, :1], torch.stack([ids, bits[:, 1:]], dim=-1).flatten(1)], dim=-1)
+
+
+def unpack_logprobs(values: list[int], k: int) -> tuple[float, list[tuple[int, float]]]:
+    """One row of ``token_logprobs`` read back on the host: (log-probability, [(id, log-probability)] * k)."""
+    def f(bits: int) -> float:
+        return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+    return f(values[0]), [(values[1 + 2 * j], f(values[2 + 2 * j])) for j in range(k)]
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -94,14 +133,18 @@ class Sampler:
         self.penalty = torch.ones(n, device=device)
         self.seed = torch.zeros(n, dtype=torch.long, device=device)
         self.seen: torch.Tensor | None = None  # (n, V) bool, made when a row first asks for a penalty
+        self.top_logprobs = [-1] * n  # host side: alternatives each slot's scored tokens return (-1: none)
         self.any_sampling = False
 
-    def admit(self, slots: list[int], params: list[tuple[float, int, float, float, int]]) -> None:
-        """New sequences take their slots: (temperature, top_k, top_p, repetition_penalty, seed) each."""
+    def admit(self, slots: list[int], params: list[tuple[float, int, float, float, int, int]]) -> None:
+        """New sequences take their slots: (temperature, top_k, top_p, repetition_penalty, seed, top logprobs)
+        each."""
         if not slots:
             return
         idx = torch.tensor(slots, device=self.device)
-        t, k, p, r, s = (list(c) for c in zip(*params))
+        t, k, p, r, s, lp = (list(c) for c in zip(*params))
+        for slot, n in zip(slots, lp):
+            self.top_logprobs[slot] = n
         self.temperature[idx] = torch.tensor(t, device=self.device)
         self.top_k[idx] = torch.tensor(k, dtype=torch.long, device=self.device)
         self.top_p[idx] = torch.tensor(p, device=self.device)

@@ -16,6 +16,11 @@ at pp=1). When a lane's previous step has come back, the scheduler builds its ne
 Sampled tokens come back in the step's order; finished rows leave and free their slots at once, and the next
 step of the lane admits others into them. The pipe never drains between requests.
 
+A sequence ends at any id of the EOS set (``generation_config.json``'s ``eos_token_id``, an int or a list, plus
+the tokenizer's), at ``max_new_tokens``, or at a stop string. Stop strings are found incrementally (a
+``StopScanner`` per sequence decodes each new token once and searches only the tail it can complete), and a
+match cuts the token ids to those whose text lies before the stop string: token ids, text and usage agree.
+
 A step travels as a ``StepPlan``: a few integer lists (slots, positions, chunk bounds, new rows' sampling
 parameters, input token ids) encoded into one fixed-size int64 tensor, so that every stage can post the receive
 for the next plan before it computes.
@@ -26,12 +31,13 @@ from __future__ import annotations
 import struct
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from framework.infer.cache import SlotPool
-from framework.infer.sampler import SamplingParams
+from framework.infer.sampler import MAX_LOGPROBS, SamplingParams, unpack_logprobs
 
 GO, STOP = 1, 0
 
@@ -53,10 +59,13 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None  # the text cut at a stop string
+    scanner: object | None = None  # a StopScanner, for a request with stop strings
     t_first: float | None = None
     t_last: float | None = None
     t_done: float | None = None
     cancelled: bool = False
+    logprobs: list = field(default_factory=list)  # per generated token: (logprob, [(id, logprob)] * k)
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token from the second: the same
 
     @property
     def prompt_len(self) -> int:
@@ -81,8 +90,12 @@ class StepPlan:
     dec_pos: list[int] = field(default_factory=list)  # position of each decode row's input token
     segs: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, length) prompt chunks
     seg_sample: list[int] = field(default_factory=list)  # 1 where a chunk ends its prompt (sample after it)
+    # prompt_logprobs: per chunk, the token after its last one when its rows are scored (-1: the chunk ends the
+    # prompt, its last row samples instead), or -2 when they are not scored
+    seg_next: list[int] = field(default_factory=list)
     new_slots: list[int] = field(default_factory=list)  # rows that appear for the first time
-    new_params: list[tuple[float, int, float, float, int]] = field(default_factory=list)
+    # (temperature, top_k, top_p, repetition_penalty, seed, top logprobs: -1 none) of each new row
+    new_params: list[tuple[float, int, float, float, int, int]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # input token ids, in token order
 
     HEADER = 8
@@ -127,15 +140,30 @@ class StepPlan:
     def n_sample(self) -> int:
         return len(self.dec_slots) + sum(self.seg_sample)
 
+    def score_rows(self) -> tuple[list[int], list[int], list[int]]:
+        """Prompt rows whose next token is scored (prompt_logprobs), in token order, with that token and the
+        row's slot: every row of a scored chunk but a sampling last row. (rows, target ids, slots)"""
+        rows, targets, slots = [], [], []
+        off = len(self.dec_slots)
+        for (slot, _, length), nxt in zip(self.segs, self.seg_next):
+            if nxt != -2:
+                n = length if nxt >= 0 else length - 1
+                rows.extend(range(off, off + n))
+                targets.extend(self.tokens[off + 1: off + length] + ([nxt] if nxt >= 0 else []))
+                slots.extend([slot] * n)
+            off += length
+        return rows, targets, slots
+
     # -- wire format ------------------------------------------------------------------------------------
     def encode(self, capacity: int) -> torch.Tensor:
         n_dec, n_seg, n_new = len(self.dec_slots), len(self.segs), len(self.new_slots)
         body = [self.flag, self.lane, n_dec, n_seg, n_new, len(self.tokens), 0, 0]
         body += self.dec_slots + self.dec_pos
-        for (slot, start, length), s in zip(self.segs, self.seg_sample):
-            body += [slot, start, length, s]
-        for slot, (t, k, p, r, seed) in zip(self.new_slots, self.new_params):
-            body += [slot, _f2i(t), k, _f2i(p), _f2i(r), seed]
+        nexts = self.seg_next or [-2] * n_seg
+        for (slot, start, length), s, nxt in zip(self.segs, self.seg_sample, nexts):
+            body += [slot, start, length, s, nxt]
+        for slot, (t, k, p, r, seed, lp) in zip(self.new_slots, self.new_params):
+            body += [slot, _f2i(t), k, _f2i(p), _f2i(r), seed, lp]
         body += self.tokens
         if len(body) > capacity:
             raise ValueError(f"step plan of {len(body)} ints exceeds its buffer of {capacity}")
@@ -152,28 +180,35 @@ class StepPlan:
         plan.dec_slots, plan.dec_pos = v[i: i + n_dec], v[i + n_dec: i + 2 * n_dec]
         i += 2 * n_dec
         for _ in range(n_seg):
-            slot, start, length, s = v[i: i + 4]
+            slot, start, length, s, nxt = v[i: i + 5]
             plan.segs.append((slot, start, length))
             plan.seg_sample.append(s)
-            i += 4
+            plan.seg_next.append(nxt)
+            i += 5
         for _ in range(n_new):
-            slot, t, k, p, r, seed = v[i: i + 6]
+            slot, t, k, p, r, seed, lp = v[i: i + 7]
             plan.new_slots.append(slot)
-            plan.new_params.append((_i2f(t), k, _i2f(p), _i2f(r), seed))
-            i += 6
+            plan.new_params.append((_i2f(t), k, _i2f(p), _i2f(r), seed, lp))
+            i += 7
         plan.tokens = v[i: i + n_tok]
         return plan
 
     @staticmethod
     def capacity(n_slots: int, prefill_chunk: int) -> int:
         """Ints a plan can need: every slot decoding, admitted and chunked in one step, plus the prompt tokens."""
-        return StepPlan.HEADER + n_slots * (2 + 4 + 6 + 1) + prefill_chunk
+        return StepPlan.HEADER + n_slots * (2 + 5 + 7 + 1) + prefill_chunk
+
+    @staticmethod
+    def reply_capacity(n_slots: int, prefill_chunk: int) -> int:
+        """Ints a step's reply can need: every slot sampling with the most alternatives, every prompt row scored."""
+        row = 1 + 2 * MAX_LOGPROBS
+        return n_slots * (1 + row) + prefill_chunk * row
 
 
 class Scheduler:
     """Which sequences run in each lane's next step (stage 0 only)."""
 
-    def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_id: int | None = None, tokenizer=None,
+    def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_ids: Iterable[int] = (), tokenizer=None,
                  policy: str = "continuous", max_len: int = 1 << 30):
         if policy not in ("continuous", "static"):
             raise ValueError(f"unknown scheduling policy {policy}")
@@ -184,12 +219,12 @@ class Scheduler:
                       for i in range(n_lanes)]
         self.in_flight = [False] * n_lanes
         self.waiting: deque[Request] = deque()
-        self.eos_id, self.tokenizer, self.policy = eos_id, tokenizer, policy
+        self.eos_ids, self.tokenizer, self.policy = frozenset(eos_ids), tokenizer, policy
         self.lane_budget = -(-prefill_chunk // n_lanes)  # prompt tokens a lane's step may prefill
         self.max_len = max_len
         self._next = 0
         self.on_finish = None  # callback(seq) for front ends (progress bars, streaming)
-        self.on_token = None  # callback(seq) after each new token
+        self.on_token = None  # callback(seq, token) after each new token (seq.generated may be cut already)
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -268,12 +303,16 @@ class Scheduler:
         for s in seqs:  # prompt chunks, oldest first, within the budget
             if s.prefilled < s.prompt_len and budget > 0:
                 n = min(s.prompt_len - s.prefilled, budget)
+                p = s.request.params
                 if s.prefilled == 0:
-                    p = s.request.params
                     plan.new_slots.append(s.slot)
-                    plan.new_params.append((p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed))
+                    plan.new_params.append((p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed,
+                                            p.top_logprobs))
+                ends = s.prefilled + n == s.prompt_len
                 plan.segs.append((s.slot, s.prefilled, n))
-                plan.seg_sample.append(int(s.prefilled + n == s.prompt_len))
+                plan.seg_sample.append(int(ends))
+                plan.seg_next.append(-2 if p.prompt_logprobs is None else -1 if ends else
+                                     s.request.prompt_ids[s.prefilled + n])
                 plan.tokens.extend(s.request.prompt_ids[s.prefilled: s.prefilled + n])
                 budget -= n
         if not plan.tokens:
@@ -288,20 +327,45 @@ class Scheduler:
                 if self.waiting and len(pool):
                     self.lanes[lane].append(Sequence(self.waiting.popleft(), pool.take(), lane))
 
-    def complete(self, plan: StepPlan, tokens: list[int]) -> None:
-        """The lane's step came back with one sampled token per sampled row (plan order)."""
+    def _slot_top(self, plan: StepPlan) -> dict[int, int]:
+        """Alternatives each slot of the lane's step asks for (-1: none)."""
+        return {s.slot: s.request.params.top_logprobs for s in self.lanes[plan.lane]}
+
+    def reply_len(self, plan: StepPlan) -> int:
+        """Ints the last stage returns for the step: a token per sampled row, then ``token_logprobs`` rows (1 + 2k
+        ints) for the sampled rows that want log-probabilities and for the scored prompt rows."""
+        top = self._slot_top(plan)
+        slots, _ = plan.sample_slots_positions()
+        n = len(slots) + sum(1 + 2 * top[s] for s in slots if top[s] >= 0)
+        return n + sum(1 + 2 * top[s] for s in plan.score_rows()[2])
+
+    def complete(self, plan: StepPlan, reply: list[int]) -> None:
+        """The lane's step came back: one sampled token per sampled row (plan order), then the log-probability
+        rows ``reply_len`` counts."""
         now = time.perf_counter()
         seqs = {s.slot: s for s in self.lanes[plan.lane]}
-        it = iter(tokens)
+        top = self._slot_top(plan)
+        sample_slots, _ = plan.sample_slots_positions()
+        it = iter(reply[len(sample_slots):])
+
+        def take(slot: int):
+            k = top[slot]
+            row = [next(it) for _ in range(1 + 2 * k)]
+            return unpack_logprobs(row, k)
+
+        drawn = {slot: (tok, take(slot) if top[slot] >= 0 else None) for slot, tok in zip(sample_slots, reply)}
+        for slot in plan.score_rows()[2]:
+            seqs[slot].prompt_logprobs.append(take(slot))
         for slot in plan.dec_slots:
-            tok = next(it)
+            tok, lp = drawn[slot]
             if seqs[slot].finish_reason is None:
-                self._append(seqs[slot], tok, now)
+                self._append(seqs[slot], tok, now, lp)
         for (slot, start, length), s in zip(plan.segs, plan.seg_sample):
             seq = seqs[slot]
             seq.prefilled = start + length
             if s:
-                self._append(seq, next(it), now)
+                tok, lp = drawn[slot]
+                self._append(seq, tok, now, lp)
         if self.policy == "static":  # the group leaves together, once its slowest row is done
             if all(s.finish_reason is not None for lane in self.lanes for s in lane) and not any(
                     f for i, f in enumerate(self.in_flight) if i != plan.lane):
@@ -314,22 +378,31 @@ class Scheduler:
         self._drop_cancelled(plan.lane)
         self.in_flight[plan.lane] = False
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+    def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> None:
         p = seq.request.params
         seq.generated.append(tok)
+        if p.logprobs is not None:
+            seq.logprobs.append(logprob)
         seq.t_first = seq.t_first or now
         seq.t_last = now
-        if self.eos_id is not None and tok == self.eos_id and not p.ignore_eos:
+        if tok in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            hit = [text.index(s) for s in p.stop if s in text]
-            if hit:
-                seq.finish_reason, seq.text = "stop", text[: min(hit)]
+            if seq.scanner is None:
+                from framework.infer.server.detok import StopScanner
+
+                seq.scanner = StopScanner(self.tokenizer, p.stop)
+            if seq.scanner.push(tok):
+                keep, seq.text = seq.scanner.cut
+                del seq.generated[keep:]
+                del seq.logprobs[keep:]
+                seq.finish_reason = "stop"
         if seq.finish_reason is None and len(seq.generated) >= p.max_new_tokens:
             seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.scanner = None
         if self.on_token:
-            self.on_token(seq)
+            self.on_token(seq, tok)
         if seq.finish_reason is not None:
             seq.t_done = now
             if self.policy == "continuous":

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from framework.parallel.distributed import broadcast_object, unlink_deepspeed_shm
+from framework.parallel.distributed import broadcast_object, new_group, unlink_deepspeed_shm
 
 
 def load_shm_allreduce(dtype: torch.dtype) -> bool:
@@ -77,10 +77,11 @@ class TPGroup:
         self.shm = False
         if tp == 1:
             return
-        for s in range(pp):  # every rank creates every group, in the same order
+        for s in range(pp):  # every rank creates every group, in the same order (torch's rule for new_group)
             ranks = list(range(s * tp, (s + 1) * tp))
-            g = dist.new_group(ranks)
-            c = dist.new_group(ranks, backend="gloo")  # plans: host tensors, no device sync
+            # each with the job's timeout, explicitly: torch's default (NCCL 10 min, gloo 30) kills an idle server
+            g = new_group(ranks)
+            c = new_group(ranks, backend="gloo")  # plans: host tensors, no device sync
             if s == self.stage:
                 self.group, self.ctrl = g, c
         if device.type == "cpu" and allreduce in ("auto", "shm") and tp == dist.get_world_size():

@@ -16,6 +16,20 @@ early receive waited for that very send: a deadlock (NVIDIA/nccl #479, #783). Wi
 receive only ever waits behind receives of the same stream, whose sends the peer issues in the same order.
 The same code runs on gloo, where it also keeps the plans and the hidden states from matching each other's
 receives (gloo matches a source's messages in order).
+
+The hidden states go over one group per pipeline edge (stage s tp rank t -> stage s+1 tp rank t): at pp>=3 a
+middle stage receives from s-1 and sends to s+1, and on one communicator NCCL would run the two in issue order,
+so its send of step n would queue behind its receive of step n+1 (lock-step). One communicator per edge keeps
+each NCCL stream one-directional and independent.
+
+Every group gets the job's timeout explicitly (``distributed.new_group``): torch's default for new groups (NCCL 10
+minutes, gloo 30) would kill an idle server. The engine also never leaves a receive waiting longer than that
+timeout while idle (engine.py's keep-alive plans).
+
+On CUDA, rank 0 never blocks inside ``work.wait()`` or a device -> host copy of a step's sampled ids: it polls
+``work.is_completed()`` with a deadline (``distributed.wait_polled``), so a dead stage raises (the server then
+answers 503 and exits 1) and signal handlers keep running. On CPU the waits are gloo's, which report a closed
+connection at once.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from framework.infer.scheduler import STOP, StepPlan
+from framework.parallel.distributed import group_timeout, new_group, wait_polled
 
 
 class Transport:
@@ -40,10 +55,22 @@ class Transport:
         self.next = rank + tp if stage < pp - 1 else None
         self.last_leader = (pp - 1) * tp
         self.capacity = plan_capacity
-        # every rank creates the groups, in the same order
-        self.ctrl = dist.new_group(backend="gloo")
-        self.fwd = dist.new_group()
-        self.ret = dist.new_group()
+        # every rank creates every group, in the same order (torch's rule for new_group), each with the job's timeout
+        self.ctrl = new_group(backend="gloo")
+        # one hidden-state group per pipeline edge (see the module's docstring); edge (s, t): s*tp+t -> (s+1)*tp+t
+        self.fwd_in = self.fwd_out = None
+        for s in range(pp - 1):
+            for t in range(tp):
+                g = new_group([s * tp + t, (s + 1) * tp + t])
+                if rank == s * tp + t:
+                    self.fwd_out = g
+                if rank == (s + 1) * tp + t:
+                    self.fwd_in = g
+        self.ret = new_group([0, self.last_leader])  # the ring's return edge: last stage's tp rank 0 -> rank 0
+        # CUDA: how long rank 0 waits for a step's sampled ids before it declares the ring broken
+        self.deadline_s = group_timeout().total_seconds()
+        self.cuda = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if self.cuda and rank == 0 else None
         self._plan: tuple[torch.Tensor, object] | None = None
         self._tokens: list[tuple[torch.Tensor, object]] = []
         self._sends: list = []
@@ -64,19 +91,24 @@ class Transport:
 
     def recv_hidden(self, plan: StepPlan) -> torch.Tensor:
         hidden = torch.empty(plan.n_tokens, self.dim, dtype=self.dtype, device=self.device)
-        dist.irecv(hidden, self.prev, group=self.fwd).wait()
+        # NCCL: wait() only makes this stage's stream wait for the receive (the host goes on to enqueue the step)
+        dist.irecv(hidden, self.prev, group=self.fwd_in).wait()
         return hidden
 
     # -- stages 0..pp-2: to the next stage ---------------------------------------------------------------
     def send_step(self, plan_buf: torch.Tensor, hidden: torch.Tensor | None) -> None:
         self._sends.append(dist.isend(plan_buf, self.next, group=self.ctrl))
         if hidden is not None:
-            self._sends.append(dist.isend(hidden.contiguous(), self.next, group=self.fwd))
+            # NCCL reads ``hidden`` on its own stream after this call returns: the tensor must not be rewritten until
+            # the send completes. The worker hands over a tensor of its own, never a CUDA graph's static output
+            # buffer (worker.py ``_decode_only``), and the caching allocator keeps its memory until NCCL is done.
+            self._sends.append(dist.isend(hidden.contiguous(), self.next, group=self.fwd_out))
         self._sends = [w for w in self._sends if not w.is_completed()]  # free what has gone
 
     # -- the ring's return: sampled ids, last stage -> stage 0 --------------------------------------------
     def send_tokens(self, tokens: torch.Tensor) -> None:
-        msg = torch.cat([torch.tensor([tokens.numel()], dtype=torch.long, device=tokens.device), tokens.long()])
+        # the count is filled on the device: no pageable host -> device copy (a synchronisation on CUDA)
+        msg = torch.cat([tokens.new_full((1,), tokens.numel(), dtype=torch.long), tokens.long()])
         self._sends.append(dist.isend(msg, 0, group=self.ret))
         self._sends = [w for w in self._sends if not w.is_completed()]
 
@@ -87,8 +119,15 @@ class Transport:
 
     def take_tokens(self) -> list[int]:
         buf, work = self._tokens.pop(0)
-        work.wait()
-        return buf[1:].tolist()  # the one device -> host copy a step
+        if not self.cuda:
+            work.wait()  # gloo: a dead peer's closed connection raises here at once
+            return buf[1:].tolist()
+        # CUDA: poll, never block inside the driver (see the module's docstring)
+        wait_polled(work, self.deadline_s, "the last pipeline stage's sampled ids")
+        # The receive has completed on NCCL's stream (its end event is done), so its bytes are visible to any
+        # stream: copy them on a side stream, not behind the steps already enqueued on the compute stream.
+        with torch.cuda.stream(self._copy_stream):
+            return buf[1:].tolist()  # the one device -> host copy a step
 
     def finish(self) -> None:
         for w in self._sends:
@@ -110,7 +149,7 @@ class ShmTransport:
         self._hidden: torch.Tensor | None = None
 
     @classmethod
-    def connect(cls, rank: int, pp: int, tp: int, plan_capacity: int, max_tokens: int, dim: int,
+    def connect(cls, rank: int, pp: int, tp: int, plan_capacity: int, max_tokens: int, reply_ints: int, dim: int,
                 dtype: torch.dtype, lanes: int) -> ShmTransport | None:
         import os
         import uuid
@@ -138,7 +177,7 @@ class ShmTransport:
         shm_ring.sweep_orphans()  # segments of an earlier job killed during its connect
         path = lambda kind, r: "/dev/shm/" + shm_ring.segment_name(os.getuid(), token, kind, r, pids[r])  # noqa: E731
         fwd_bytes = plan_capacity * 8 + max_tokens * dim * torch.tensor([], dtype=dtype).element_size()
-        ret_bytes = (max_tokens + 1) * 8
+        ret_bytes = (reply_ints + 1) * 8
         slots = lanes + 2  # a sender never has more than its lanes' steps (and the stop) unread: it never blocks
         made, ends = [], {}
         ok = True
@@ -206,7 +245,7 @@ class ShmTransport:
 
 
 def make_transport(kind: str, rank: int, pp: int, tp: int, device: torch.device, plan_capacity: int,
-                   max_tokens: int, dim: int, dtype: torch.dtype, lanes: int):
+                   max_tokens: int, dim: int, dtype: torch.dtype, lanes: int, reply_ints: int | None = None):
     """The ring's transport (None at pp=1): ``infer.transport`` auto picks shared memory where every rank is a
     CPU process of one host, else the process groups; shm insists (an error where it cannot serve); backend
     always takes the process groups."""
@@ -215,7 +254,7 @@ def make_transport(kind: str, rank: int, pp: int, tp: int, device: torch.device,
     if pp == 1:
         return None
     if device.type == "cpu" and kind in ("auto", "shm"):
-        t = ShmTransport.connect(rank, pp, tp, plan_capacity, max_tokens, dim, dtype, lanes)
+        t = ShmTransport.connect(rank, pp, tp, plan_capacity, max_tokens, reply_ints or max_tokens, dim, dtype, lanes)
         if t is not None:
             return t
         if kind == "shm":

@@ -14,11 +14,21 @@ The weights are the model's own modules, rearranged once at load (``StageWeights
 gate|up fused into one matrix each, the rest as they are; the model file stays the training definition.
 The decode-only step has fixed shapes for a given (rows, window), so ``torch.compile`` applies to it
 (inductor on CPU; CUDA graphs through mode "reduce-overhead" on GPU, rows and window padded to buckets).
+
+On CUDA, by construction (each rule is cited where the code follows it):
+- every (rows, window) bucket's graph is compiled and captured at load (``warm_up``), none while serving;
+- the attention of a compiled step reads only the live window: the longest row's context rounded up to a power
+  of two (``window_buckets``), not the whole cache;
+- a compiled step's output handed to another stage is a copy, never the graph's static output buffer, which the
+  next replay rewrites while NCCL may still be reading it;
+- a step's integer lists reach the device in one pinned, non-blocking copy (``HostStaging``);
+- busy time is measured by CUDA events around the step's kernels, not by the host's enqueue time.
 """
 
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +175,50 @@ def contiguous_block(slots: list[int]) -> int | None:
     return slots[0] if slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)) else None
 
 
+def window_buckets(max_len: int, smallest: int = 16) -> list[int]:
+    """The windows a compiled CUDA decode step may attend over: powers of two from ``smallest`` below ``max_len``,
+    then ``max_len``. A graph is captured for each at load; a step reads at most twice its longest context."""
+    out, w = [], smallest
+    while w < max_len:
+        out.append(w)
+        w *= 2
+    return out + [max_len]
+
+
+def window_from_buckets(positions: list[int], buckets: list[int]) -> int:
+    """The smallest bucket holding the longest row's context."""
+    need = max(positions) + 1
+    return next(w for w in buckets if w >= need)
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Padded decode batch sizes of the compiled CUDA step: powers of two up to the first one >= ``max_rows``."""
+    return [1 << i for i in range((max(max_rows, 1) - 1).bit_length() + 1)]
+
+
+class HostStaging:
+    """A step's integer lists (token ids, slots, positions, ...) as int64 device tensors.
+
+    CPU: one ``torch.tensor`` each, as they are used (no copy to make). CUDA: all of a step's lists packed into one
+    pinned host buffer and copied with ``non_blocking=True``: one transfer that does not synchronise the host,
+    where each ``torch.tensor(list, device=cuda)`` is a pageable copy that waits for the device. The pinned buffer
+    comes from PyTorch's caching host allocator, which records the copy's stream event and reuses the block only
+    once the copy has completed (CUDA's rule for asynchronous copies: the source must not be rewritten before the
+    copy is done), so no step can overwrite a buffer still being read."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+
+    def to_device(self, *lists: list[int]) -> list[torch.Tensor]:
+        if not self.cuda:
+            return [torch.tensor(xs, dtype=torch.long, device=self.device) for xs in lists]
+        flat = [v for xs in lists for v in xs]
+        host = torch.tensor(flat, dtype=torch.long).pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        ends = list(accumulate(len(xs) for xs in lists))
+        return [dev[e - len(xs): e] for xs, e in zip(lists, ends)]  # views of the one copy
+
+
 def window_for(positions: list[int], bucket: int, max_len: int) -> int:
     """Keys a decode step attends over: the longest row's context, rounded up to ``bucket`` when rows share
     the step (one row: exact)."""
@@ -182,20 +236,29 @@ class StageWorker:
         self.w, self.cache, self.device, self.dtype = weights, cache, device, dtype
         self.tp = tp or TPGroup(1, 1, 0, device, dtype, weights.args.vocab_size)
         self.first, self.last = weights.first, weights.last
-        self.busy_s = 0.0
         self.cuda = device.type == "cuda"
-        # CUDA graphs want few distinct shapes: rows padded to a power of two, and every step attends over the
-        # whole cache (a mask hides the unwritten tail), as gpt-fast does. On CPU a step attends over exactly the
-        # longest row's context: compiled, the window is a dynamic size of one graph (built at load by
-        # ``warm_up``), which reads ~10% less a batch-1 token than buckets of 256 did (the keys past the context,
-        # and their copy). Eager CPU pads nothing.
+        self.staging = HostStaging(device)
+        self._busy_host = 0.0  # CPU: host time in steps
+        self._busy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: (start, end) a step
+        self._busy_done = 0.0  # CUDA: seconds of the event pairs already folded
+        # CUDA graphs want few distinct shapes: rows padded to a power of two, and the window (the keys a step
+        # attends over) rounded up to a power of two (``window_buckets``), a mask hiding each row's unwritten
+        # tail; a graph for every pair is captured at load. On CPU a step attends over exactly the longest row's
+        # context: compiled, the window is a dynamic size of one graph (built at load by ``warm_up``), which
+        # reads ~10% less a batch-1 token than buckets of 256 did (the keys past the context, and their copy).
+        # Eager CPU pads nothing.
         self.pow2_rows = compile_decode and self.cuda
-        self.window_bucket = (cache.max_len if compile_decode else 64) if self.cuda else 1
+        self.window_bucket = 64 if self.cuda else 1  # eager steps with a prompt chunk, and eager CUDA decode
+        self.windows = window_buckets(cache.max_len) if compile_decode and self.cuda else None
         self._decode, self.compiled = self._decode_step, compile_decode
         if compile_decode:
             import torch._dynamo
+            import torch._inductor.config
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            if self.cuda and hasattr(torch._inductor.config.triton, "cudagraph_dynamic_shape_warn_limit"):
+                # one graph per (rows, window) bucket is the design (captured at load), not a shape leak
+                torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
             if self.cuda:  # the cache is written inside the graphs: give it fixed addresses
                 for t in cache.k + cache.v:
                     torch._dynamo.mark_static_address(t)
@@ -206,8 +269,10 @@ class StageWorker:
             # users and reads more than one buffer (the residual stream) is stored once instead, which keeps
             # those loops near one input vector and one weight vector: a batch-1 token 3.7 -> 3.1 ms.
             options = None if self.cuda else {"realize_reads_threshold": 1}
-            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False if self.cuda else None,
-                                         options=options)
+            # dynamic=None on both: after a second value of rows or window dynamo builds one graph in which they are
+            # symbolic sizes (a handful of compilations at load, whatever the bucket count); on CUDA the CUDA-graph
+            # trees then record one graph per concrete (rows, window), each at load (``warm_up``)
+            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=None, options=options)
 
     # -- the layers -------------------------------------------------------------------------------------
     def _layers(self, x, positions, tok_slots, dec, segs):
@@ -251,66 +316,146 @@ class StageWorker:
         return self._head(x) if self.last else x
 
     # -- a step -------------------------------------------------------------------------------------------
+    @property
+    def busy_s(self) -> float:
+        """Seconds this rank's device spent in steps: host time on CPU; on CUDA the time between CUDA events
+        recorded on the stream around each step's kernels (the host only enqueues them, so its clock would measure
+        the enqueue). Reading it on CUDA waits for the steps still running."""
+        if not self.cuda:
+            return self._busy_host
+        self._fold_busy(wait=True)
+        return self._busy_done
+
+    @busy_s.setter
+    def busy_s(self, value: float) -> None:
+        self._busy_host = self._busy_done = value
+        self._busy_events = []
+
+    def _fold_busy(self, wait: bool) -> None:
+        """Add up the event pairs whose steps have finished (all of them when ``wait``)."""
+        keep = []
+        for start, end in self._busy_events:
+            if wait or end.query():
+                end.synchronize()
+                self._busy_done += start.elapsed_time(end) / 1e3
+            else:
+                keep.append((start, end))
+        self._busy_events = keep
+
     @torch.inference_mode()
-    def step(self, plan, x: torch.Tensor) -> torch.Tensor:
-        """Run the step described by ``plan`` (a scheduler.StepPlan) on x: token ids (N,) on the first stage,
-        hidden states (N, D) on the others. Returns hidden states (N, D), or on the last stage the logits
-        (n_sample, V) of the rows that sample, in plan order."""
-        t0 = time.perf_counter()
-        dev = self.device
-        n_dec = len(plan.dec_slots)
-        if not plan.segs:
-            out = self._decode_only(plan, x)
+    def step(self, plan, x: torch.Tensor | None) -> torch.Tensor:
+        """Run the step described by ``plan`` (a scheduler.StepPlan) on x: on the first stage token ids (N,), or
+        None to take ``plan.tokens`` (staged with the step's other lists in one copy); hidden states (N, D) on the
+        others. Returns hidden states (N, D), or on the last stage the logits (n_sample, V) of the rows that
+        sample, in plan order (then those of the prompt rows it scores, ``StepPlan.score_rows``)."""
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         else:
-            positions = torch.tensor(plan.token_positions(), dtype=torch.long, device=dev)
-            tok_slots = torch.tensor(plan.token_slots(), dtype=torch.long, device=dev)
-            dec = None
-            if n_dec:
-                win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
-                dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1,
-                       contiguous_block(plan.dec_slots))
-            h = self._embed(x) if self.first else x
-            h = self._layers(h, positions, tok_slots, dec, plan.segs)
-            if self.last:
-                h = self._head(h.index_select(0, torch.tensor(plan.sample_rows(), dtype=torch.long, device=dev)))
-            out = h
-        self.busy_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+        out = self._decode_only(plan, x) if not plan.segs else self._mixed(plan, x)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._busy_events.append((start, end))
+            if len(self._busy_events) > 64:
+                self._fold_busy(wait=False)
+        else:
+            self._busy_host += time.perf_counter() - t0
         return out
+
+    def _mixed(self, plan, x: torch.Tensor | None) -> torch.Tensor:
+        """A step with prompt chunks (and maybe decode rows): eager."""
+        n_dec = len(plan.dec_slots)
+        lists = [plan.token_positions(), plan.token_slots()]
+        if self.last:  # the rows whose logits leave the stage: the sampled ones, then the scored prompt rows
+            lists.append(plan.sample_rows() + plan.score_rows()[0])
+        if x is None:
+            lists.append(plan.tokens)
+        staged = self.staging.to_device(*lists)
+        positions, tok_slots = staged[0], staged[1]
+        if x is None:
+            x = staged[-1]
+        dec = None
+        if n_dec:
+            win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
+            dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1,
+                   contiguous_block(plan.dec_slots))
+        h = self._embed(x) if self.first else x
+        h = self._layers(h, positions, tok_slots, dec, plan.segs)
+        if self.last:
+            h = self._head(h.index_select(0, staged[2]))
+        return h
 
     def warm_up(self, rows: int) -> None:
         """Compile the decode step at load, for ``rows`` rows (on the scratch slot), so that the first request
-        does not pay for it. Every tp rank of a stage calls it together (the graph holds the all-reduce)."""
+        does not pay for it. On CUDA every (rows, window) bucket a step can use is compiled and its CUDA graph
+        captured now (``max_rows`` below), so no capture happens while serving. Every tp rank of a stage calls it
+        together (the graph holds the all-reduce)."""
         if not self.compiled:
             return
         from framework.infer.scheduler import StepPlan
 
-        x = (torch.zeros(rows, dtype=torch.long, device=self.device) if self.first
-             else torch.zeros(rows, self.w.args.dim, dtype=self.dtype, device=self.device))
-        # on CPU a second window makes dynamo build the graph whose window is dynamic, the one every step uses
-        for pos in (0, 1) if not self.cuda and self.cache.max_len > 1 else (0,):
-            plan = StepPlan(dec_slots=[self.cache.scratch] * rows, dec_pos=[pos] * rows, tokens=[0] * rows)
-            self.step(plan, x)  # as a real step calls it: x made outside inference mode (a guard of the graph)
+        def run(n: int, pos: int) -> None:
+            x = (None if self.first  # as a real step calls it: x made outside inference mode (a guard of the graph)
+                 else torch.zeros(n, self.w.args.dim, dtype=self.dtype, device=self.device))
+            self.step(StepPlan(dec_slots=[self.cache.scratch] * n, dec_pos=[pos] * n, tokens=[0] * n), x)
+
+        if not self.cuda:
+            # on CPU a second window makes dynamo build the graph whose window is dynamic, the one every step uses
+            for pos in (0, 1) if self.cache.max_len > 1 else (0,):
+                run(rows, pos)
+        else:
+            # A decode step has at most every slot decoding: every padded row count up to that, with every window.
+            # The CUDA-graph trees run a new shape once eagerly (their warm-up), record it on the next call and
+            # replay it after: three calls leave every graph recorded. The two windows first make dynamo's one
+            # graph with a symbolic window before the row counts vary.
+            for n in row_buckets(self.cache.n_slots):
+                for w in self.windows:
+                    for _ in range(3):
+                        run(n, w - 1)
+            torch.cuda.synchronize(self.device)
         self.busy_s = 0.0
 
-    def _decode_only(self, plan, x: torch.Tensor) -> torch.Tensor:
+    def _decode_only(self, plan, x: torch.Tensor | None) -> torch.Tensor:
         n = len(plan.dec_slots)
         slots, pos = list(plan.dec_slots), list(plan.dec_pos)
         padded = 1 << (n - 1).bit_length() if self.pow2_rows else n
+        tokens = list(plan.tokens) if x is None else []
         if padded > n:  # padding rows write to the scratch slot at position 0
             slots += [self.cache.scratch] * (padded - n)
             pos += [0] * (padded - n)
-            pad_shape = (padded - n,) if self.first else (padded - n, x.shape[-1])
-            x = torch.cat([x, torch.zeros(pad_shape, dtype=x.dtype, device=x.device)])
-        win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
-        t_slots = torch.tensor(slots, device=self.device)
-        t_pos = torch.tensor(pos, device=self.device)
+            if x is None:
+                tokens += [0] * (padded - n)
+            else:
+                x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
+        if self.windows is not None:
+            win = window_from_buckets(plan.dec_pos, self.windows)
+        else:
+            win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
+        staged = self.staging.to_device(slots, pos, *([tokens] if x is None else []))
+        t_slots, t_pos = staged[0], staged[1]
+        if x is None:
+            x = staged[2]
         masked = self.compiled or padded > 1 or win != pos[0] + 1  # compiled: one graph whatever the row's length
         block = None if self.compiled else contiguous_block(slots)
         if block is not None:  # eager, slots in one block: views of the cache
             out = self._decode_step(x, t_slots, t_pos, win, masked, block)
         else:
+            if self.compiled and self.cuda:
+                # The outputs of the previous replay are no longer read (the rule of CUDA-graph trees for
+                # inference loops: mark each iteration so the static buffers may be rewritten).
+                torch.compiler.cudagraph_mark_step_begin()
             out = self._decode(x, t_slots, t_pos, win, masked)
-        return out[:n] if padded > n else out
+        out = out[:n] if padded > n else out
+        if self.compiled and self.cuda and not self.last:
+            # ``out`` lives in the graph's static output buffer, which the next replay (another lane's step)
+            # rewrites, while the isend of these hidden states to the next stage runs on NCCL's stream and may not
+            # have read them yet: hand over a copy of our own (the caching allocator keeps it alive until the send
+            # is done). The last stage's logits need none: the sampler reads them on this stream before the next
+            # step is enqueued.
+            out = out.clone()
+        return out
 
 
 @torch.inference_mode()

@@ -155,10 +155,49 @@ class Attention(nn.Module):
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (document packing on CUDA)
+            y = flex_attention_compiled()(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.o_proj(y)
+
+
+_FLEX = []
+
+
+def flex_attention_compiled():
+    """FlexAttention, compiled once per process (uncompiled it materializes the whole score matrix)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
+
+
+def has_flex_attention() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def document_mask(document_ids: torch.Tensor):
+    """The attention mask of document packing: a token sees the earlier tokens of its own document only.
+    ``document_ids`` (B, T). On CUDA a FlexAttention block mask (blocks that are all masked are skipped, as in
+    torchtitan); elsewhere a boolean (B, 1, T, T) mask for SDPA, True where attention is allowed."""
+    B, T = document_ids.shape
+    if document_ids.is_cuda and has_flex_attention():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+        return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None]  # (B, 1, T, T)
 
 
 class MLP(nn.Module):
@@ -255,14 +294,19 @@ class Llama(nn.Module):
         hidden: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) on the first stage, hidden (B, T, D) on the others.
 
         positions (B, T) default to 0..T-1; mask is an additive or boolean (B, 1, T, S) attention mask, None
-        for plain causal attention. Inference runs the same weights through framework/infer/worker.py.
+        for plain causal attention. document_ids (B, T), for packed documents, builds the mask instead: attention
+        stays inside each document (pass positions that restart at each document with it). Inference runs the
+        same weights through framework/infer/worker.py.
         """
         x = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None and tokens is not None else hidden
         B, T = x.shape[:2]
+        if document_ids is not None:
+            mask = document_mask(document_ids)
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

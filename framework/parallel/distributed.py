@@ -10,11 +10,17 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
 
 from framework.cli import JOINED_PROCESS_GROUP, UserError
+
+# The timeout the world group was created with (init_distributed). Every extra group the engine creates takes it
+# explicitly (``new_group``): torch's default for a group created without one is 10 minutes for NCCL and 30 for
+# gloo whatever the world group got, so an idle server's groups would die long before the server's own timeout.
+_GROUP_TIMEOUT = [datetime.timedelta(minutes=30)]
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -70,6 +76,7 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     timeout = datetime.timedelta(seconds=timeout_s)
+    _GROUP_TIMEOUT[0] = timeout
     store_kw = {}
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
@@ -87,6 +94,40 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     return dist.get_rank(), dist.get_world_size()
+
+
+def group_timeout() -> datetime.timedelta:
+    """The timeout of this job's process groups: the one ``init_distributed`` gave the world group."""
+    return _GROUP_TIMEOUT[0]
+
+
+def new_group(ranks: list[int] | None = None, backend: str | None = None):
+    """``dist.new_group`` with the world group's timeout, given explicitly (see ``_GROUP_TIMEOUT``). Every rank calls
+    it for every group, in the same order (torch's rule for ``new_group``)."""
+    return dist.new_group(ranks, timeout=group_timeout(), backend=backend)
+
+
+def wait_polled(work, deadline_s: float, what: str, poll_s: float = 5e-5) -> None:
+    """Wait for an asynchronous CUDA/NCCL operation (a ``Work``, or a ``torch.cuda.Event`` recorded after it) without
+    blocking the host inside the driver: poll ``work.is_completed()`` (which queries the operation's CUDA event), or
+    ``event.query()``, and sleep in between, so that a dead peer
+    becomes a ``TimeoutError`` after ``deadline_s`` instead of a hang, and Python keeps running its signal handlers
+    (they only run between bytecodes, never inside a blocked ``work.wait()`` or a device -> host copy). Polls every
+    ``poll_s`` for the first 50 ms (a decode step's answer is late by at most that), then backs off to 10 ms (a long
+    wait costs no core)."""
+    start = time.monotonic()
+    pause = poll_s
+    done = work.is_completed if hasattr(work, "is_completed") else work.query
+    while not done():
+        waited = time.monotonic() - start
+        if waited > deadline_s:
+            raise TimeoutError(f"{what}: no answer within {deadline_s:g} s (the process groups' timeout): "
+                               f"a stage has died or hangs")
+        time.sleep(pause)
+        if waited > 0.05:
+            pause = min(pause * 2, 0.01)
+    if hasattr(work, "wait"):
+        work.wait()  # completed: raises the operation's error, if it failed, and orders this stream after it
 
 
 def unlink_deepspeed_shm(port: str) -> None:

@@ -152,6 +152,20 @@ def check_shape(name: str, saved: tuple[int, ...], model: tuple[int, ...]) -> No
         raise UserError(f"shape mismatch for {name}: checkpoint {saved} vs model {model}")
 
 
+def build_in_dtype(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int | None) -> Llama:
+    """The whole model (ZeRO 0-2, or one data-parallel rank, at tp 1) built straight in the training dtype:
+    never an fp32 copy of the model on the GPU. Cast on the meta device (free), allocated once in ``dtype``, then
+    ``init_weights`` draws each tensor in fp32 on the host and rounds it into place: the values DeepSpeed's cast
+    of an fp32 build gives (it casts the parameters to bf16/fp16 in ``deepspeed.initialize`` and makes its fp32
+    masters from those), so the run is the same; the rotary buffer stays fp32, as DeepSpeed keeps buffers."""
+    with torch.device("meta"):
+        model = Llama(args)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(seed)  # also resets inv_freq, in fp32
+    return model
+
+
 def build_meta(args: ModelArgs) -> Llama:
     """The model on the meta device: shapes only, nothing allocated (AutoTP shards it, ``fill_tp_shards`` fills it)."""
     with torch.device("meta"):

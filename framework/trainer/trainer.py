@@ -23,17 +23,19 @@ from framework.checkpoint.manager import CheckpointManager, model_shape, restore
 from framework.checkpoint.universal import UniversalReader, load_universal_optimizer, load_universal_weights
 from framework.cli import UserError
 from framework.config import TrainConfig, TrainerConfig
-from framework.data.dataset import TokenData, cached_vocab_size, prepare_data
+from framework.data.dataset import TokenData, planned_tokenizer, prepare_data
 from framework.data.loader import ShardedLoader
+from framework.data.packing import as_batch
 from framework.data.sources import validate_data_config
 from framework.models.hf import from_hf_config, has_tokenizer, hf_slice_reader, load_hf_weights, read_hf_config
 from framework.models.llama import ModelArgs, build_model
 from framework.parallel.distributed import barrier, init_distributed, pick_device
-from framework.parallel.materialize import build_meta, build_partitioned, builds_partitioned, fill_tp_shards
+from framework.parallel.materialize import build_in_dtype, build_meta, build_partitioned, builds_partitioned, fill_tp_shards
 from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
-from framework.trainer.evaluate import evaluate, lm_loss
+from framework.trainer.evaluate import evaluate
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
+from framework.trainer.loss import lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
 from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, warmup_cosine
 
 __all__ = ["PRECISION_DTYPES", "model_shape", "train", "validate", "resolve_model_args", "export_engine"]
@@ -200,6 +202,7 @@ class Job:
     resume_from: str | None = None
     state: dict | None = None  # the checkpoint's trainer_state
     timings: dict = field(default_factory=dict)
+    tokenizer_sha256: str | None = None  # the run's tokenizer, recorded in every checkpoint
 
     @property
     def layout(self) -> dict:
@@ -232,7 +235,8 @@ def start(cfg: TrainConfig) -> Job:
     topo = validate(cfg, world, rank)
     if device.type == "cuda":
         check_fits(cfg, world, device)
-    return Job(cfg, device, topo, world, CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, topo.is_rank0))
+    return Job(cfg, device, topo, world,
+               CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, topo.is_rank0, cfg.checkpoint.verify))
 
 
 def check_resume(job: Job) -> None:
@@ -242,8 +246,10 @@ def check_resume(job: Job) -> None:
     job.resume_from = job.ckpt.resolve(cfg.checkpoint.resume)
     if job.resume_from is None:
         return
-    vocab = cfg.model.vocab_size or cached_vocab_size(cfg.data, cfg.trainer.seq_len, cfg.seed, cfg.run_dir)
+    planned = planned_tokenizer(cfg.data, cfg.seed, cfg.run_dir)
+    vocab = cfg.model.vocab_size or (planned[1] if planned else None)
     job.state = job.ckpt.inspect(job.resume_from, model_shape(resolve_model_args(cfg, vocab)))
+    check_same_tokenizer(job, planned)
     saved = job.state.get("layout") or {}
     if not job.same_layout and job.state.get("precision") == "fp16" and saved.get("zero_stage") == 0:
         # DeepSpeed's fp16 optimizer at ZeRO 0 keeps the fp32 masters and moments in flat buffers of its own: the
@@ -251,6 +257,20 @@ def check_resume(job: Job) -> None:
         raise UserError(f"checkpoint {job.resume_from} was saved with fp16 at ZeRO 0, whose optimizer state only "
                         f"resumes at its own layout (dp={saved.get('dp')}, tp={saved.get('tp')}, "
                         "parallel.zero_stage=0): resume it there, or train fp16 at ZeRO >= 1 to change layouts")
+
+
+def check_same_tokenizer(job: Job, planned: tuple[str, int] | None) -> None:
+    """The tokenizer never changes under a run: a resume whose data config would give another tokenizer than the
+    checkpoint's is refused here, before anything is written. (Checkpoints older than the recorded hash rely on the
+    vocabulary check of ``prepare``.)"""
+    saved = job.state.get("tokenizer_sha256")
+    if saved is None or (planned is not None and planned[0] == saved):
+        return
+    what = ("would train a new tokenizer (its data differs from the run's store)" if planned is None
+            else f"gives another tokenizer (sha256 {planned[0][:12]})")
+    raise UserError(f"checkpoint {job.resume_from} was trained with tokenizer sha256 {saved[:12]} but this data config "
+                    f"{what}: resume with the run's data config, keep the run's tokenizer with data.tokenizer="
+                    f"{os.path.join(job.cfg.run_dir, 'tokenizer')}, or set checkpoint.resume=none")
 
 
 def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
@@ -265,8 +285,13 @@ def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
     if saved is not None and saved != args.vocab_size:  # known only now when the data config changed
         raise UserError(f"checkpoint {job.resume_from} is of another model (vocab_size {saved} vs {args.vocab_size} "
                         "in this run): resume it with its own data and tokenizer, or set checkpoint.resume=none")
+    job.tokenizer_sha256 = data.tokenizer_sha256
     job.log(f"[miaotui] data: {data.train.shape[0]} train / {data.val.shape[0]} val blocks of {cfg.trainer.seq_len} "
-            f"tokens, vocab {len(data.tokenizer)}, unigram entropy {data.unigram_entropy:.3f} nats")
+            f"tokens ({cfg.data.packing} packing), vocab {len(data.tokenizer)}, unigram entropy "
+            f"{data.unigram_entropy:.3f} nats, store {data.store.dir if data.store else '-'}")
+    if data.val.shape[0] == 0 and cfg.trainer.eval_every:
+        job.log("[miaotui] no held-out block (too few documents for data.val_fraction): evaluation is off")
+        cfg.trainer.eval_every = 0
     job.log(f"[miaotui] model {args.name}: {args.num_params() / 1e6:.2f}M parameters "
             f"({args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / {args.kv_heads} kv)")
     return data, args
@@ -292,7 +317,8 @@ def build_engine(job: Job, args: ModelArgs):
         model = build_meta(args)
         materialize = lambda m: fill_tp_shards(m, args, job.device, cfg.seed, slices)
     else:
-        model = build_model(args, device=job.device, seed=cfg.seed)
+        # in the training dtype: no fp32 copy of the model on the GPU (DeepSpeed would cast it anyway)
+        model = build_in_dtype(args, job.device, PRECISION_DTYPES[cfg.parallel.precision], cfg.seed)
         if job.from_universal:
             load_universal_weights(model, job.resume_from)
         elif source:
@@ -336,7 +362,8 @@ def save(job: Job, engine, args: ModelArgs, loader: ShardedLoader, step: int, to
     t_save = time.perf_counter()
     path = job.ckpt.save(engine, step, {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                                         "layout": job.layout, "model": model_shape(args), "model_args": asdict(args),
-                                        "precision": cfg.parallel.precision}, universal, shards=shards)
+                                        "precision": cfg.parallel.precision,
+                                        "tokenizer_sha256": job.tokenizer_sha256}, universal, shards=shards)
     job.timings["save_s"] = time.perf_counter() - t_save
     logger.write(f"[miaotui] saved checkpoint {path} in {job.timings['save_s']:.2f}s")
 
@@ -369,11 +396,11 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
     engine.train()
     try:  # the loggers close (wandb finishes, TensorBoard flushes) even when a step raises
         while step < stop:
-            batch = to_device(loader.next_batch(), device)
+            batch = to_device(as_batch(loader.next_batch()), device)
             lr = engine.get_lr()[0]
             loss_sum = torch.zeros((), device=device)
             for micro in batch.split(t.micro_batch_size):
-                loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:])
+                loss = lm_loss(engine(micro.inputs, **micro.kwargs), micro.targets)
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().float()
@@ -430,6 +457,7 @@ def finish(job: Job, engine, data: TokenData, args: ModelArgs, step: int, last: 
     barrier()
     summary = {"run_dir": cfg.run_dir, "export_dir": export_dir, "step": step, "unigram_entropy": data.unigram_entropy,
                **last, **job.timings}
+    job.ckpt.wait_for_deletions()  # rank 0's background pruning ends before summary.json marks the run done
     if job.topo.is_rank0:
         with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

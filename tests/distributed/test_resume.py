@@ -116,7 +116,7 @@ def test_damaged_or_foreign_checkpoint_is_refused(uninterrupted, tmp_path, damag
     shutil.copytree(uninterrupted, run)
     step = run / "checkpoints" / "step-000010"
     shard = next((step / "universal").glob("state-*.safetensors"))
-    overrides = []
+    overrides = [f"checkpoint.resume={step}"]  # named explicitly: refused (`latest` falls back to an older one instead)
     if damage == "corrupt":
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -126,7 +126,7 @@ def test_damaged_or_foreign_checkpoint_is_refused(uninterrupted, tmp_path, damag
     elif damage == "missing":
         shard.unlink()
     else:
-        overrides = ["model.dim=32"]
+        overrides.append("model.dim=32")
     before = tree_digest(run)
     proc = run_module("framework.train", [*BASE, f"run_dir={run}", "trainer.max_steps=12", *overrides])
     assert proc.returncode != 0

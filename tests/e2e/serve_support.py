@@ -18,16 +18,22 @@ class ServerProcess:
     """``torchrun -m framework.serve`` (pp > 1) or ``python -m framework.serve``, on a free port of 127.0.0.1.
     Its output goes to a log file; ``url`` and ``rank0_pid`` come from the line it prints when ready."""
 
-    def __init__(self, model_dir: str, log_path: str, pp: int = 2, extra: list[str] | None = None):
+    def __init__(self, model_dir: str, log_path: str, pp: int = 2, extra: list[str] | None = None,
+                 launcher: bool = False):
+        """``launcher``: start it the way users do, with ``launch/torchrun.sh serve`` (NPROC=pp)."""
         args = [f"model_dir={model_dir}", "serve.port=0", f"infer.pp={pp}", *(extra or [])]
-        if pp == 1:
+        run_env = env()
+        if launcher:
+            cmd = ["bash", os.path.join(REPO, "launch", "torchrun.sh"), "serve", *args]
+            run_env["NPROC"] = str(pp)
+        elif pp == 1:
             cmd = [PYTHON, "-m", "framework.serve", *args]
         else:
             cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={pp}", "-m", "framework.serve", *args]
         self.log_path = log_path
         self.log = open(log_path, "w")
         # a session of its own: teardown can stop every rank and torchrun at once
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.url = None
         self.rank0_pid = None
@@ -48,12 +54,25 @@ class ServerProcess:
             time.sleep(0.2)
         raise AssertionError(f"the server did not start within {timeout}s:\n{self.output()[-4000:]}")
 
+    def descendants(self) -> dict[int, tuple[int, str]]:
+        """Every process below the launcher: pid -> (parent pid, command line)."""
+        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        table = {}
+        for line in out.splitlines():
+            pid, ppid, args = (line.split(None, 2) + [""])[:3]
+            table[int(pid)] = (int(ppid), args)
+        below, frontier = {}, {self.proc.pid}
+        while frontier:
+            frontier = {p for p, (pp, _) in table.items() if pp in frontier and p not in below}
+            below.update({p: table[p] for p in frontier})
+        return below
+
     def ranks(self) -> list[int]:
-        """Process ids of the ranks (torchrun's children), rank 0 first."""
+        """Process ids of the ranks (the processes of framework.serve with no such child), rank 0 first."""
         if self.proc.args[0] == PYTHON:
             return [self.proc.pid]
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        pids = [int(p) for p in out.stdout.split()]
+        serving = {p: pp for p, (pp, args) in self.descendants().items() if "framework.serve" in args}
+        pids = [p for p in serving if p not in serving.values()]
         return sorted(pids, key=lambda p: (p != self.rank0_pid, p))
 
     def wait_exit(self, timeout: float) -> int:
@@ -63,7 +82,7 @@ class ServerProcess:
         """Kill every rank and the launcher (torchrun starts each rank in a session of its own, so killing
         torchrun's group alone would leave the ranks running)."""
         if self.proc.poll() is None:
-            for pid in self.ranks() + [-self.proc.pid]:
+            for pid in self.ranks() + list(self.descendants()) + [-self.proc.pid]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

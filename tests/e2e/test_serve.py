@@ -175,7 +175,7 @@ def test_n_seed_and_stop(server):
     ({"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model 'gpt-4' is not served here"),
     ({"model": "tiny", "prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, "API key"),
     ({"model": "tiny", "prompt": "x"}, {}, 401, "API key"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 2}, AUTH, 400, "'logprobs' is not supported"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, AUTH, 400, "'suffix' is not supported"),
     ({"model": "tiny", "prompt": "x", "frobnicate": 1}, AUTH, 400, "unknown field 'frobnicate'"),
     ({"model": "tiny", "prompt": "x", "n": 99}, AUTH, 400, "'n'=99"),
     ({"model": "tiny", "prompt": [1, 2, 99999]}, AUTH, 400, "outside the vocabulary"),

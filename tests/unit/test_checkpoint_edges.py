@@ -1,6 +1,7 @@
 """Edge cases that lose data or train the wrong thing, each checked in one process without training:
 pruning order past step 999999, saving over a complete checkpoint, replacing an export, the import arrow between
-checkpoint/ and trainer/, two ranks on one GPU, and evaluation without an fp32 copy of the logits."""
+checkpoint/ and trainer/, two ranks on one GPU, and evaluation without an fp32 copy of the logits. Power cuts,
+torn checkpoints, rollbacks and the compressed export's replacement: tests/unit/test_checkpoint_durability.py."""
 
 import ast
 import json
@@ -30,7 +31,9 @@ def test_pruning_orders_steps_as_numbers(tmp_path):
     for step in (999_998, 999_999, 1_000_000):
         fake_checkpoint(root, f"step-{step:06d}")
     (root / "latest").write_text("step-1000000\n")
-    CheckpointManager(str(tmp_path), keep=2, is_rank0=True)._prune()
+    mgr = CheckpointManager(str(tmp_path), keep=2, is_rank0=True)
+    assert mgr.prune() == ["step-999998"]  # written before lineage was recorded: the steps in order are the lineage
+    mgr.wait_for_deletions()
     assert sorted(os.listdir(root)) == ["latest", "step-1000000", "step-999999"]
 
 
@@ -75,6 +78,7 @@ def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(tmp_path,
     path = mgr.save(Engine(), 8, {"step": 8})
     assert mgr.latest_tag() == os.path.basename(path) != "step-000008"
     assert (pathlib.Path(path) / "new.pt").is_file() and (pathlib.Path(path) / "manifest.json").is_file()
+    mgr.wait_for_deletions()  # deleted by rank 0 in the background, after the save's last barrier
     assert not old.exists()  # superseded once latest named the new one
     assert mgr.resolve("latest") == path
     # a half-written directory of the same step (no manifest) is stale: it is cleared, not kept beside

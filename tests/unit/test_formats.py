@@ -62,7 +62,7 @@ def test_alpaca(tok):
 
 
 def test_task_data_is_shipped_and_reproducible(tmp_path):
-    shipped = os.path.join(ROOT, "configs", "tasks", "data")
+    shipped = os.path.join(ROOT, "configs", "lm_eval", "data")
     for path in write_task_splits(str(tmp_path)):
         assert filecmp.cmp(path, os.path.join(shipped, os.path.basename(path)), shallow=False), path
     for task in TASK_NAMES:

@@ -1,10 +1,13 @@
 """The HTTP routes (FastAPI): OpenAI's completions and chat completions, models, health, metrics, the playground.
 
-A generation request is checked (protocol.py), tokenized, length-checked against the KV slot length and handed
-to the engine through the bridge, one engine request per choice. ``stream=true`` answers server-sent events,
-one ``data:`` line per text delta (coalesced when several are ready), ending with ``data: [DONE]``; otherwise
-the answer comes when every choice has finished. A client that disconnects cancels its choices (their KV slots
-are freed at the next step of their lane); every error is OpenAI-shaped JSON with a 4xx/5xx status.
+A generation request is read with a size cap (``serve.max_body_mb``: a larger ``Content-Length`` is a 413 before
+any of the body is read, and so is a streamed body once it passes the cap), decoded and checked (protocol.py),
+its text measured (``serve.max_prompt_chars``) before it is tokenized, its tokens checked against the vocabulary
+and the KV slot length, and handed to the engine through the bridge, one engine request per choice.
+``stream=true`` answers server-sent events, one ``data:`` line per text delta (coalesced when several are
+ready), ending with ``data: [DONE]``; otherwise the answer comes when every choice has finished. A client that
+disconnects cancels its choices (their KV slots are freed at the next step of their lane); every error is
+OpenAI-shaped JSON with a 4xx/5xx status.
 """
 
 from __future__ import annotations
@@ -42,18 +45,32 @@ class ServedModel:
     chat_template: str | None = None
     api_key: str | None = None
     created: int = 0
+    max_body_bytes: int = 8 << 20
+    max_prompt_chars: int = 1 << 20  # characters of prompt text a request may ask to tokenize
+    max_choices: int = 1 << 10  # prompts x n of one request: no more than the server holds at once
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _read_json(request: Request):
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise P.APIError(400, f"malformed JSON body: {exc}") from None
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes (from Content-Length, before
+    reading; or while reading a body streamed without one)."""
+    def too_large(size: str) -> P.APIError:
+        return P.APIError(413, f"the request body is {size} bytes; this server takes at most {limit} "
+                               f"(serve.max_body_mb): send a shorter prompt")
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _disconnected(request: Request) -> None:
@@ -62,6 +79,25 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+@dataclass
+class Echo:
+    """A choice's prompt, for ``echo``: its token ids and, when it came as text, that text."""
+
+    ids: list[int]
+    given: str | None
+
+    def text(self, tokenizer) -> str:
+        return self.given if self.given is not None else tokenizer.decode(self.ids)
+
+
+def merge_logprobs(parts: list[dict | None]) -> dict | None:
+    """Legacy completions logprobs objects of consecutive pieces of one text, as one."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return {k: [x for p in parts for x in p[k]] for k in parts[0]}
 
 
 def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
@@ -119,14 +155,24 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
 
     def encode(spec: P.ParsedRequest) -> list[list[int]]:
         tok = model.tokenizer
+        where = "messages" if spec.chat else "prompt"
+        chars = spec.prompt_chars()
+        if chars > model.max_prompt_chars:  # before tokenizing: the tokenizer's time grows with the text
+            raise P.APIError(400, f"the prompt has {chars} characters; this server takes at most "
+                                  f"{model.max_prompt_chars} (serve.max_prompt_chars): shorten the prompt", where)
+        if len(spec.prompts) * spec.n > model.max_choices:
+            raise P.APIError(400, f"the request asks for {len(spec.prompts) * spec.n} choices (prompts x n) but "
+                                  f"this server holds at most {model.max_choices} at once: split it", where)
         if spec.chat:
             texts = [P.render_chat(tok, spec.messages, model.chat_template)]
         else:
             texts = spec.prompts
         out = []
         for p in texts:
+            if isinstance(p, list) and len(p) >= model.max_len:  # token ids: no need to look at each
+                raise P.APIError(400, f"the prompt has {len(p)} tokens but the context holds {model.max_len} "
+                                      f"(prompt and new tokens together): shorten the prompt", where)
             ids = p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
-            where = "messages" if spec.chat else "prompt"
             if not ids:
                 raise P.APIError(400, "the prompt is empty (no tokens)", where)
             bad = [t for t in ids if not 0 <= t < model.vocab]
@@ -145,10 +191,11 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
     async def generate(request: Request, chat: bool):
         arrival = time.perf_counter()
         authorize(request)
-        spec = P.parse_request(await _read_json(request), chat, model.max_n, model.defaults)
+        body = P.decode_body(await _read_body(request, model.max_body_bytes))
+        spec = P.parse_request(body, chat, model.max_n, model.defaults, vocab=model.vocab)
         if spec.model is not None and spec.model != model.name:
-            raise P.APIError(404, f"model '{spec.model}' is not served here: this server serves '{model.name}'",
-                             "model")
+            raise P.APIError(404, f"model '{spec.model[:80]}' is not served here: this server serves "
+                                  f"'{model.name}'", "model")
         prompts = encode(spec)
         seeds = spec.seeds()
         ids, params = [], []
@@ -158,12 +205,17 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                 ids.append(p)
                 params.append(SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                                              repetition_penalty=spec.repetition_penalty, max_new_tokens=max_new,
-                                             seed=seed, stop=spec.stop, ignore_eos=spec.ignore_eos))
+                                             seed=seed, stop=spec.stop, ignore_eos=spec.ignore_eos,
+                                             logprobs=spec.logprobs,
+                                             prompt_logprobs=spec.logprobs if spec.echo else None))
         handle = bridge.submit(ids, params, spec.stream, arrival)
         rid, created = P.new_id(chat), P.now()
         prompt_tokens = sum(len(p) for p in prompts)
+        echoes = [Echo(p, spec.prompts[i // spec.n] if not spec.chat and isinstance(spec.prompts[i // spec.n], str)
+                       else None) for i, p in enumerate(ids)] if spec.echo else None
         if spec.stream:
-            return StreamingResponse(stream(handle, spec, rid, created, prompt_tokens), media_type="text/event-stream",
+            return StreamingResponse(stream(handle, spec, rid, created, prompt_tokens, echoes),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         waiter = asyncio.ensure_future(collect(handle))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -177,7 +229,16 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
         if not waiter.done() or waiter.cancelled():
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         results = waiter.result()
-        choices = [(results[i].text, results[i].finish_reason) for i in range(len(handle.jobs))]
+        choices = []
+        for i in range(len(handle.jobs)):
+            ev, offset, text = results[i], 0, results[i].text
+            parts = []
+            if echoes:  # the prompt first: its text, and its tokens' entries when logprobs are asked for
+                head, offset = echo_part(echoes[i], ev, spec)
+                text = echoes[i].text(model.tokenizer) + text
+                parts.append(head)
+            parts.append(logprobs_part(spec, ev, offset))
+            choices.append((text, ev.finish_reason, merge_logprobs(parts)))
         completion = sum(results[i].n_tokens for i in range(len(handle.jobs)))
         return P.response(rid, chat, model.name, created, choices, P.usage(prompt_tokens, completion))
 
@@ -191,9 +252,27 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                 results[ev.choice] = ev
         return results
 
-    async def stream(handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int):
+    def echo_part(echo: Echo, ev: Event, spec: P.ParsedRequest) -> tuple[dict | None, int]:
+        """The echoed prompt's logprobs object (None without logprobs) and the length of its text."""
+        text = echo.text(model.tokenizer)
+        if spec.logprobs is None:
+            return None, len(text)
+        entries = [None] + list(ev.prompt_logprobs or [])
+        return P.completion_logprobs(model.tokenizer, echo.ids, entries[: len(echo.ids)]), len(text)
+
+    def logprobs_part(spec: P.ParsedRequest, ev: Event, offset: int) -> dict | None:
+        """The logprobs object of an event's tokens (None when the request did not ask for logprobs)."""
+        if spec.logprobs is None or ev.logprobs is None:
+            return None
+        if spec.chat:
+            return P.chat_logprobs(model.tokenizer, ev.token_ids, ev.logprobs)
+        return P.completion_logprobs(model.tokenizer, ev.token_ids, ev.logprobs, offset)
+
+    async def stream(handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int,
+                     echoes: list | None = None):
         chat, name = spec.chat, model.name
         left, completion = len(handle.jobs), 0
+        offsets: dict[int, int] = {}  # choice -> characters streamed so far (completions' text_offset)
         try:
             if chat:
                 yield "".join(_sse(P.chunk(rid, True, name, created, j.choice, None, None, role=True))
@@ -211,8 +290,15 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                     if ev.finish_reason is not None:
                         left -= 1
                         completion += ev.n_tokens
+                    if echoes and ev.choice not in offsets:  # the prompt comes back first, in a chunk of its own
+                        head, offsets[ev.choice] = echo_part(echoes[ev.choice], ev, spec)
+                        parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice,
+                                                  echoes[ev.choice].text(model.tokenizer), None, logprobs=head)))
+                    offset = offsets.get(ev.choice, 0)
+                    offsets[ev.choice] = offset + len(ev.text)
                     if ev.text or ev.finish_reason is not None:
-                        parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice, ev.text, ev.finish_reason)))
+                        parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice, ev.text, ev.finish_reason,
+                                                  logprobs=logprobs_part(spec, ev, offset))))
                 if parts:
                     yield "".join(parts)
             if spec.include_usage:

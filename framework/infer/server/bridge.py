@@ -35,6 +35,9 @@ class Event:
     finish_reason: str | None = None
     n_tokens: int = 0
     error: APIError | None = None
+    token_ids: list[int] = field(default_factory=list)  # the tokens behind ``text`` (all of them at a finish)
+    logprobs: list | None = None  # their (logprob, top) entries, when the request asked for logprobs
+    prompt_logprobs: list | None = None  # the prompt's entries (prompt_logprobs), on a choice's first event
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Job:
     out: asyncio.Queue
     detok: IncrementalText | None  # streaming only
     done: bool = False
+    pending: list = field(default_factory=list)  # streaming: (token, logprob entry) whose text is not out yet
+    sent_tokens: int = 0  # streaming: tokens whose entries went out with a text delta
+    prompt_lp: list | None = None  # prompt_logprobs, until the choice's first event carries them
 
 
 @dataclass
@@ -83,8 +89,11 @@ class EngineBridge:
         scheduler.on_finish = self._on_finish
 
     # -- engine thread -------------------------------------------------------------------------------------
-    def _on_token(self, seq) -> None:
-        self._events.append(("token", seq.request.index, seq.generated[-1], seq.finish_reason is not None))
+    def _on_token(self, seq, token: int) -> None:
+        p = seq.request.params
+        lp = seq.logprobs[-1] if p.logprobs is not None and seq.logprobs and seq.generated[-1:] == [token] else None
+        first = list(seq.prompt_logprobs) if p.prompt_logprobs is not None and len(seq.generated) == 1 else None
+        self._events.append(("token", seq.request.index, token, seq.finish_reason is not None, lp, first))
 
     def _on_finish(self, seq) -> None:
         self._events.append(("finish", seq.request.index, seq))
@@ -170,10 +179,13 @@ class EngineBridge:
             if job is None:
                 continue
             if ev[0] == "token":
+                if ev[5] is not None:
+                    job.prompt_lp = ev[5]
                 if job.detok is not None and not ev[3]:  # the last token's text comes with the finish
+                    job.pending.append((ev[2], ev[4]))
                     text = job.detok.push(ev[2])
                     if text:
-                        job.out.put_nowait(Event(job.choice, text))
+                        job.out.put_nowait(self._delta(job, text))
                 continue
             self._close(job)
             if ev[0] == "aborted":
@@ -185,7 +197,29 @@ class EngineBridge:
             text = job.detok.finish(full) if job.detok is not None else full
             n = len(seq.generated)
             self.metrics.observe_finish(seq.finish_reason, n, job.arrival, seq.t_first, seq.t_last, seq.t_done)
-            job.out.put_nowait(Event(job.choice, text, seq.finish_reason, n))
+            wants = seq.request.params.logprobs is not None
+            start = job.sent_tokens if job.detok is not None else 0  # streamed: what no delta carried yet
+            job.out.put_nowait(Event(job.choice, text, seq.finish_reason, n, token_ids=seq.generated[start:],
+                                     logprobs=seq.logprobs[start:] if wants else None,
+                                     prompt_logprobs=self._take_prompt_lp(job, seq)))
+
+    def _delta(self, job: Job, text: str) -> Event:
+        """A streamed text delta with the tokens (and their entries) it completes."""
+        ids, lps = [t for t, _ in job.pending], [lp for _, lp in job.pending]
+        job.pending, job.sent_tokens = [], job.sent_tokens + len(ids)
+        wants = job.params.logprobs is not None
+        return Event(job.choice, text, token_ids=ids, logprobs=lps if wants else None,
+                     prompt_logprobs=self._take_prompt_lp(job, None))
+
+    @staticmethod
+    def _take_prompt_lp(job: Job, seq) -> list | None:
+        """The prompt's entries, on the first event of a choice that asked for them (then never again)."""
+        if job.params.prompt_logprobs is None or job.prompt_lp == []:
+            return None
+        out = job.prompt_lp if job.prompt_lp is not None else list(seq.prompt_logprobs) if seq is not None else None
+        if out is not None:
+            job.prompt_lp = []
+        return out
 
     def _close(self, job: Job) -> None:
         job.done = True

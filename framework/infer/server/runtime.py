@@ -10,8 +10,12 @@ model's context, or ``infer.max_seq_len``), the HTTP thread, and one line ``serv
 Stopping:
 - SIGTERM or SIGINT to rank 0: stop accepting (the listener closes, new submissions get 503), let the open
   requests finish, stop the engine once idle (every rank gets the engine's STOP), tear down, exit 0. A second
-  signal cuts the wait short. Other ranks ignore these signals and stop with rank 0 (torchrun forwards a
-  SIGTERM it receives to every rank; rank 0 then drains the same way).
+  signal, at least ``REPEAT_S`` after the first, cuts the wait short; signals closer together are one stop (Slurm
+  signals every process of a step, and the launcher forwards the same stop again). Other ranks ignore these
+  signals and stop with rank 0. A signal during start-up is kept: the server drains (at once) when it is up.
+  ``launch/torchrun.sh serve`` turns a SIGTERM or SIGINT to its process group into exactly this: torchrun itself
+  ignores them (its agent would count a signal as a failure and kill the ranks after 30 s), the launcher
+  forwards them to the ranks, and torchrun exits 0 when every rank has.
 - A rank that dies: rank 0's engine fails on the broken link; every open request gets a 503, new ones too for
   ``serve.dead_grace_s``, then rank 0 exits 1. A surviving follower exits 1 when its link breaks. torchrun also
   stops the job when it sees a rank die. No wait is left without an end.
@@ -32,10 +36,12 @@ from omegaconf import OmegaConf
 
 from framework.cli import UserError
 from framework.config import ServeRootConfig
+from framework.infer.server.protocol import MAX_N
 
 # Serving waits on its peers for as long as no request comes; a dead peer breaks the link at once (gloo reports
 # the closed connection), so the process group's timeout is only a last resort.
 PG_TIMEOUT_S = 30 * 24 * 3600
+REPEAT_S = 1.0  # signals closer together than this are one stop
 
 
 def as_serve_config(cfg) -> ServeRootConfig:
@@ -67,6 +73,14 @@ def check_serve_keys(sc) -> None:
         raise UserError(f"serve.default_max_tokens={sc.default_max_tokens}: at least 1 (or null)")
     if sc.dead_grace_s < 0:
         raise UserError(f"serve.dead_grace_s={sc.dead_grace_s}: use 0 or more seconds")
+    if sc.max_n > MAX_N:
+        raise UserError(f"serve.max_n={sc.max_n}: at most {MAX_N} choices per request")
+    if not sc.max_body_mb > 0:
+        raise UserError(f"serve.max_body_mb={sc.max_body_mb}: use a positive size in MiB (e.g. 8)")
+    if sc.max_prompt_chars is not None and sc.max_prompt_chars < 1:
+        raise UserError(f"serve.max_prompt_chars={sc.max_prompt_chars}: at least 1 (or null: 32 per token of context)")
+    if sc.group_timeout_s < 1:
+        raise UserError(f"serve.group_timeout_s={sc.group_timeout_s}: use at least 1 second (default {PG_TIMEOUT_S})")
 
 
 def served_name(model_dir: str) -> str:
@@ -106,10 +120,13 @@ def serve(cfg) -> int:
 
     cfg = as_serve_config(cfg)
     inf, sc = cfg.infer, cfg.serve
+    early: list[int] = []  # a stop asked for while the server starts: kept, and honoured once it is up
+    signal.signal(signal.SIGTERM, lambda sig, _frame: early.append(sig))
+    signal.signal(signal.SIGINT, lambda sig, _frame: early.append(sig))
     check_serve_keys(sc)
     template = read_chat_template(sc.chat_template)
     max_batch = check_engine_keys(inf)
-    st = start_stage_ranks(cfg.model_dir, inf, timeout_s=PG_TIMEOUT_S)
+    st = start_stage_ranks(cfg.model_dir, inf, timeout_s=sc.group_timeout_s)  # every group's, explicitly
     context = st.args.max_seq_len
     if inf.max_seq_len is not None and not 2 <= inf.max_seq_len <= context:
         raise UserError(f"infer.max_seq_len={inf.max_seq_len}: use 2 to the model's context of {context} tokens")
@@ -130,7 +147,7 @@ def serve(cfg) -> int:
                                  max_len, st.tokenizer, st.say)
     if st.rank != 0:
         return _run_follower(engine, st.rank)
-    return _run_front(engine, slots, max_len, st, cfg, template, sock)
+    return _run_front(engine, slots, max_len, st, cfg, template, sock, early)
 
 
 def _run_follower(engine, rank: int) -> int:
@@ -155,7 +172,8 @@ def _run_follower(engine, rank: int) -> int:
     return 0
 
 
-def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, sock: socket.socket) -> int:
+def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, sock: socket.socket,
+               early: list[int]) -> int:
     import uvicorn
 
     from framework.infer.server.app import ServedModel, build_app
@@ -174,7 +192,8 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
         defaults=Defaults(temperature=inf.temperature, top_p=inf.top_p, top_k=inf.top_k,
                           repetition_penalty=inf.repetition_penalty, stop=tuple(inf.stop), ignore_eos=inf.ignore_eos),
         chat_template=template, api_key=sc.api_key or os.environ.get("MIAOTUI_API_KEY") or None,
-        created=int(time.time()))
+        created=int(time.time()), max_body_bytes=int(sc.max_body_mb * 2**20),
+        max_prompt_chars=sc.max_prompt_chars or 32 * max_len, max_choices=slots + sc.max_queue)
     server = uvicorn.Server(uvicorn.Config(build_app(bridge, model, metrics), log_level="warning", lifespan="off",
                                            access_log=sc.log_requests, timeout_graceful_shutdown=None))
 
@@ -183,10 +202,13 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
         await server.serve(sockets=[sock])
 
     http = threading.Thread(target=asyncio.run, args=(serve_http(),), name="http", daemon=True)
-    signals = []
+    signals: list[float] = []  # when each stop came
 
     def on_signal(sig, _frame):
-        signals.append(sig)
+        now = time.monotonic()
+        if signals and now - signals[0] < REPEAT_S:  # the same stop, delivered twice
+            return
+        signals.append(now)
         bridge.draining = True
         server.should_exit = True
         if len(signals) > 1 or bridge.dead:
@@ -203,6 +225,8 @@ def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, 
     host, port = sock.getsockname()[:2]
     st.say(f"[miaotui] serving {name} on http://{host}:{port} (pid {os.getpid()}; {slots} KV slots of {max_len} "
            f"tokens; queue {sc.max_queue}; API key {'required' if model.api_key else 'not required'})")
+    if early:
+        on_signal(early[0], None)
 
     def poll(idle: bool) -> bool:
         if not http.is_alive():  # the HTTP side has ended: nothing more can come

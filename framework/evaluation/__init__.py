@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness tasks on the inference engine (harness.py, tasks.py)."""
