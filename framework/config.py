@@ -73,8 +73,17 @@ class DataConfig:
     weight: 0.7}]."""
     store: str | None = None
     """A token store made by ``python -m framework.prepare``; None prepares one into run_dir/data."""
-    packing: str = "concat"
-    """concat (blocks run across documents) or document (positions restart and attention stops at each document)."""
+    packing: str | None = None
+    """concat (blocks run across documents) or document (positions restart and attention stops at each document;
+    fine-tuning formats: whole examples packed best-fit-decreasing into the blocks); None: document for the
+    fine-tuning formats, concat for text."""
+    format: str = "text"
+    """What a row of JSONL/Parquet/hub data is: text ({"text"}), prompt_completion ({"prompt", "completion"}),
+    messages ({"messages": [{"role", "content"}]}, rendered with the tokenizer's chat template), alpaca
+    ({"instruction", "input", "output"}), or auto (told by each row's fields). framework/data/formats.py."""
+    train_on_prompt: bool | None = None
+    """Count the prompt's tokens in the loss too; None: false for the fine-tuning formats (the loss falls on the
+    completion / assistant turns and their end-of-turn token only)."""
     tokenizer: str | None = None
     """A local Hugging Face tokenizer directory; None trains a byte-level BPE on the corpus."""
     vocab_size: int = 2048
@@ -141,6 +150,9 @@ class TrainerConfig:
     """Validation batches per evaluation."""
     eval_exact_match: int = 128
     """Synthetic examples scored for exact-match accuracy per evaluation."""
+    eval_generate: bool = False
+    """Fine-tuning formats: also score the exact match of greedy answers to held-out prompts (up to
+    eval_exact_match of them) at each evaluation."""
     log_every: int = 10
     """Log metrics every N steps."""
     peak_tflops: float | None = None
@@ -288,6 +300,20 @@ class InferConfig:
     """Write a JSON summary (tokens_per_s, ttft_s, tpot_s, stage busy fractions) here."""
     progress: bool = True
     timeout_s: int = 600
+    speculative: str = "none"
+    """Speculative decoding (framework/infer/speculative.py): none, ngram (prompt lookup over the request's prompt
+    and output) or draft (a small model with the same tokenizer, infer.draft_model_dir, run on rank 0)."""
+    num_speculative_tokens: int = 4
+    """Most draft tokens a row proposes a step; each request adapts its own k from its running acceptance."""
+    ngram_min: int = 1
+    """Shortest suffix of the sequence that prompt lookup matches (speculative=ngram)."""
+    ngram_max: int = 4
+    """Longest suffix tried first (speculative=ngram)."""
+    draft_model_dir: str | None = None
+    """The draft model (an export or run directory; same tokenizer as the target) for speculative=draft."""
+    speculative_max_batch: int = 32
+    """Decode rows in a step from which no drafts are added: verifying k extra rows a row is free only while a step
+    is bound by reading the weights (scripts/bench_spec.py measures where that stops)."""
 
 
 @dataclass

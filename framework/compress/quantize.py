@@ -1,5 +1,5 @@
-"""Weight-only quantization: int8 per output channel (symmetric) and int4 in groups (asymmetric), with
-PyTorch's own mixed-precision kernels.
+"""Weight-only quantization: int8 per output channel (symmetric) and int4 in groups (asymmetric), run by this
+project's CPU decode kernels at small batches and PyTorch's own mixed-precision kernels elsewhere.
 
 - **int8**: ``w = q * scale``, one fp scale per output row, ``q`` in [-127, 127]. Kernel:
   ``aten._weight_int8pack_mm(x, q, scale)`` (CPU and CUDA).
@@ -19,6 +19,15 @@ load with our torch) and against the fp32 CPU path of ``framework/infer/cpu_line
 
 Why weight-only: decoding at small batches reads every weight once per step, so its time is the bytes of the
 weights; int8 reads a quarter of fp32, int4 an eighth (plus scales). Activations stay in floating point.
+
+CPU decoding (``framework/kernels/quant_gemv.cpp``): PyTorch's kernels above stream the packed bytes at a third of
+the rate the compiled fp32 step streams its own, so on CPU a call of at most ``GEMV_MAX_ROWS`` rows (int8; every
+call for int4) goes to this project's kernels instead: fp32 activations (no bf16 rounding), each weight widened
+in registers (int4: a per-group table of its 16 dequantized values ``(u - zero) * scale``, exactly the values of
+``dequantize_int4``), fp32 accumulation, int8's row scale applied after the reduction, output rows split over
+torch's threads. The product is the dequantized fp32 product, summed in another order: within a few fp32 ulps of
+``sum_k |x_k w_k|`` per output. int4 keeps a CPU layout of its own (``int4_kernel_layout``, built at ``pack()``
+from the export's nibbles; the file format is unchanged); with no compiler the layers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +36,13 @@ import torch
 import torch.nn as nn
 
 from framework.cli import UserError
+from framework.kernels import cpu_quant
 
+# int8 calls of at most this many rows use the CPU decode kernel, more use aten's bf16 one. scripts/bench_quant.py
+# times both by rows: on this project's 2-core Xeon (one thread, 768x5120) the kernel was faster at every size up to
+# 256 rows (1: 393 vs 479 us, 8: 989 vs 1453, 64: 8.3 vs 10.9 ms, 256: 30 vs 46 ms), so aten keeps the large
+# prefill chunks only, where neither is the fast path (an fp32 GEMM on the dequantized weight would be)
+GEMV_MAX_ROWS = 256
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
 METHODS = ("int8", "int4")
 
@@ -143,6 +158,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("kernel_scale", kscale.to(kdt), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.use_kernel = self.qweight.device.type != "cuda" or cuda_int8_kernel()
+        # rows a call up to which the CPU decode kernel runs (0: never; set before any compiled step is traced)
+        self.gemv_rows = GEMV_MAX_ROWS if self.qweight.device.type == "cpu" and cpu_quant.available() else 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -160,7 +177,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.kernel_scale.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= self.gemv_rows and x2.device.type == "cpu":
+            y = cpu_quant.int8_gemv(x2.float(), self.qweight, self.scale).to(x.dtype)  # (N, out)
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        x2 = x2.to(self.kernel_scale.dtype)
         if self.use_kernel:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scale)  # (N, out)
         else:
@@ -177,9 +199,13 @@ class Int4Linear(nn.Module):
     """Weight-only int4 linear, groups of ``group_size`` input features with a scale and an integer zero point.
 
     It holds the weights in a plain layout (``qweight`` (out, in/2) uint8, two unsigned nibbles a byte, low
-    nibble first) until ``pack()`` (or its first ``forward``) converts them to the kernel's tiled layout and drops
-    the plain copy: the tiled layout does not concatenate row-wise, so ``cat`` (the loader's q|k|v fusion) takes
-    plain modules and returns a packed one. ``load_quantized`` packs at once the modules no fusion will take."""
+    nibble first) until ``pack()`` (or its first ``forward``) converts them to the kernel's layout and drops
+    the plain copy: on CPU the decode kernel's nibble blocks (``cpu_quant.int4_kernel_layout``, every batch size:
+    aten's CPU kernel is no faster at any, and a second copy would double the weights), on CUDA (or on a CPU
+    without the kernel) aten's tiled layout. These do not concatenate row-wise, so ``cat`` (the loader's q|k|v
+    fusion) takes plain modules and returns a packed one. ``load_quantized`` packs at once the modules no fusion
+    will take. The packed tensors are non-persistent buffers: CUDA graphs (and ``.to()``) treat them as the
+    module's own static tensors, never as per-step inputs to copy."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, dtype: torch.dtype):
@@ -192,8 +218,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale.float().contiguous())  # (out, G)
         self.register_buffer("zero_point", zp.to(torch.int8).contiguous())  # (out, G)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
-        self.packed: torch.Tensor | None = None
-        self.scales_and_zeros: torch.Tensor | None = None
+        self.register_buffer("packed", None, persistent=False)  # the kernel's layout of the weights, after pack()
+        self.register_buffer("scales_and_zeros", None, persistent=False)  # aten: (G, out, 2) in bf16
+        self.register_buffer("kernel_zero", None, persistent=False)  # CPU kernel: zero point + 8, (out, G) fp32
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> Int4Linear:
@@ -227,6 +254,12 @@ class Int4Linear(nn.Module):
         """Convert to the kernel layout of this device (once; the plain copy is dropped)."""
         if self.packed is not None:
             return
+        if self.qweight.device.type == "cpu" and cpu_quant.available():
+            u = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+            self.packed = cpu_quant.int4_kernel_layout(u)  # (out, in/2)
+            self.kernel_zero = (self.zero_point.float() + 8).contiguous()  # the nibbles are q + 8
+            self.qweight = None
+            return
         kdt = torch.bfloat16  # the int4 kernels' activation dtype on CPU and CUDA
         s = self.scale
         z = -self.zero_point.float() * s
@@ -246,6 +279,11 @@ class Int4Linear(nn.Module):
         if self.packed is None:
             self.pack()
         shape = x.shape
+        if self.kernel_zero is not None:
+            x2 = x.reshape(-1, self.in_features).float()
+            y = cpu_quant.int4_gemv(x2, self.packed, self.scale, self.kernel_zero, self.group_size).to(x.dtype)
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if x2.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)

@@ -11,15 +11,17 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from framework.cli import UserError
 from framework.config import DataConfig
-from framework.data.packing import training_rows
+from framework.data.packing import PackedExamples, resolve_packing, training_rows
 from framework.data.prepare import build_store, fingerprint
 from framework.data.store import TokenBlocks, TokenStore, describe, read_meta
 from framework.data.synthetic import Example, make_examples
@@ -39,6 +41,7 @@ class TokenData:
     store: TokenStore | None = None
     tokenizer_sha256: str | None = None
     meta: dict = field(default_factory=dict)
+    fine_tuning: bool = False  # the store has a loss mask (prompt/completion, messages, alpaca)
 
 
 def run_store_dir(cfg: DataConfig, run_dir: str) -> str:
@@ -137,9 +140,37 @@ def prepare_data(cfg: DataConfig, seq_len: int, seed: int, run_dir: str, is_rank
     if cfg.source == "synthetic" and not cfg.mixture:
         s = cfg.synthetic
         examples = make_examples(s.task, s.val_examples, seed + 10_007, s.min_len, s.max_len)
-    return TokenData(train=training_rows(train, cfg.packing), val=TokenBlocks(store.val, seq_len),
-                     tokenizer=load_tokenizer(store.tokenizer_dir), unigram_entropy=store.unigram_entropy(),
-                     eval_examples=examples, store=store, tokenizer_sha256=store.tokenizer_sha256, meta=store.meta)
+    tokenizer = load_tokenizer(store.tokenizer_dir)
+    packing = resolve_packing(cfg)
+    rows = training_rows(train, packing, pad_id=tokenizer.pad_token_id or 0)
+    # held-out rows are built like the training rows: masked and packed the same way
+    val = training_rows(TokenBlocks(store.val, seq_len), packing, pad_id=tokenizer.pad_token_id or 0)
+    if isinstance(rows, PackedExamples) and rows.truncated and is_rank0:
+        print(f"[miaotui] {rows.truncated} training examples are longer than trainer.seq_len + 1 = {seq_len + 1} "
+              "tokens: each keeps its last tokens (its prompt is cut)", file=sys.stderr, flush=True)
+    return TokenData(train=rows, val=val, tokenizer=tokenizer, unigram_entropy=store.unigram_entropy(),
+                     eval_examples=examples or heldout_examples(store, tokenizer), store=store,
+                     tokenizer_sha256=store.tokenizer_sha256, meta=store.meta, fine_tuning="mask" in store.train.arrays)
+
+
+def heldout_examples(store: TokenStore, tokenizer, limit: int = 512) -> list[Example]:
+    """Fine-tuning stores: (prompt, answer) of held-out examples, read back from their tokens and loss mask: the
+    prompt is everything before the first counted token, the answer the counted tokens up to the end of that turn
+    (its EOS). Scored by exact match of the greedy answer (``trainer.eval_generate``)."""
+    split, mask = store.val, store.val.arrays.get("mask")
+    if mask is None:
+        return []
+    eos, out = tokenizer.eos_token_id, []
+    for e in range(min(split.documents, limit)):
+        lo, hi = int(split.offsets[e]), int(split.offsets[e + 1])
+        counted = np.flatnonzero(np.asarray(mask[lo:hi]))
+        if not len(counted) or counted[0] == 0:
+            continue
+        ids = np.asarray(split.tokens[lo:hi]).tolist()
+        start = int(counted[0])
+        end = ids.index(eos, start) if eos in ids[start:] else hi - lo
+        out.append(Example(prompt=tokenizer.decode(ids[:start]), answer=tokenizer.decode(ids[start:end])))
+    return out
 
 
 def describe_store(data: TokenData) -> str:

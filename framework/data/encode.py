@@ -48,41 +48,71 @@ def chunk_name(k: int) -> str:
     return f"{k:06d}"
 
 
-def encode_chunk(encoder, eos: int, dtype: np.dtype, vocab: int, chunk_dir: str, k: int, texts: list[str],
+def _doc_chars(doc) -> int:
+    return len(doc) if isinstance(doc, str) else sum(len(t) for t, _ in doc)
+
+
+def encode_docs(encoder, eos: int, docs: list) -> list[tuple[list[int], list[int] | None]]:
+    """(ids, loss mask or None) of each document: a text gets its tokens and EOS; a fine-tuning example comes as
+    its pieces [(text, counted)] (formats.py rendered them, EOS included) and gets a 0/1 mask per token."""
+    if not docs or isinstance(docs[0], str):
+        return [(enc.ids + [eos], None) for enc in encoder.encode_batch_fast(docs, add_special_tokens=False)]
+    encs = iter(encoder.encode_batch_fast([t for d in docs for t, _ in d], add_special_tokens=False))
+    out = []
+    for d in docs:
+        ids, mask = [], []
+        for _, counted in d:
+            piece = next(encs).ids
+            ids += piece
+            mask += [int(counted)] * len(piece)
+        out.append((ids, mask))
+    return out
+
+
+def encode_chunk(encoder, eos: int, dtype: np.dtype, vocab: int, chunk_dir: str, k: int, texts: list,
                  splits: list[str]) -> dict:
-    """Tokenize one chunk (a batch of ``BATCH_CHARS`` at a time) and write its files; returns its json."""
+    """Tokenize one chunk (a batch of ``BATCH_CHARS`` at a time) and write its files; returns its json. ``texts``
+    are documents' texts, or fine-tuning examples' pieces (then a loss-mask file is written beside the tokens)."""
     base = os.path.join(chunk_dir, chunk_name(k))
+    masked = bool(texts) and not isinstance(texts[0], str)
     files = {s: open(f"{base}.{s}.bin.tmp", "wb") for s in SPLITS}
+    masks = {s: open(f"{base}.{s}.mask.bin.tmp", "wb") for s in SPLITS} if masked else {}
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     counts = np.zeros(vocab, dtype=np.int64)
     start = 0
     while start < len(texts):
         stop, size = start, 0
         while stop < len(texts) and (stop == start or size < BATCH_CHARS):
-            size += len(texts[stop])
+            size += _doc_chars(texts[stop])
             stop += 1
         flat: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for enc, split in zip(encoder.encode_batch_fast(texts[start:stop], add_special_tokens=False),
-                              splits[start:stop]):
-            ids = enc.ids
+        flat_mask: dict[str, list[int]] = {s: [] for s in SPLITS}
+        for (ids, mask), split in zip(encode_docs(encoder, eos, texts[start:stop]), splits[start:stop]):
             flat[split].extend(ids)
-            flat[split].append(eos)
-            lengths[split].append(len(ids) + 1)
+            lengths[split].append(len(ids))
+            if masked:
+                flat_mask[split].extend(mask)
         for s in SPLITS:
             ids = np.array(flat[s], dtype=dtype)
             files[s].write(ids.tobytes())
+            if masked:
+                masks[s].write(np.array(flat_mask[s], dtype=np.uint8).tobytes())
             if s == "train":
                 counts += np.bincount(ids, minlength=vocab)[:vocab]
-        del flat
+        del flat, flat_mask
         release_free_memory()
         start = stop
     for s in SPLITS:
         files[s].close()
         np.save(f"{base}.{s}.len.npy", np.asarray(lengths[s], dtype=np.int64))
         os.replace(f"{base}.{s}.bin.tmp", f"{base}.{s}.bin")
+        if masked:
+            masks[s].close()
+            os.replace(f"{base}.{s}.mask.bin.tmp", f"{base}.{s}.mask.bin")
     np.save(f"{base}.counts.npy", counts)
     info = {s: {"tokens": int(sum(lengths[s])), "documents": len(lengths[s])} for s in SPLITS}
-    info["chars"] = sum(len(t) for t in texts)
+    info["chars"] = sum(_doc_chars(t) for t in texts)
+    info["masked"] = masked
     write_json_atomic(f"{base}.json", info)  # last: the chunk is done
     return info
 

@@ -19,6 +19,8 @@ as training did.
 
 from __future__ import annotations
 
+import json
+
 from framework.cli import UserError
 
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")
@@ -104,13 +106,43 @@ def _message_pieces(messages, tok) -> list[tuple[str, bool]]:
     return pieces
 
 
-def encode_example(row: dict, fmt: str, tok, train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask of 0/1 per token) of one row; ``fmt`` may be ``auto``."""
+def render_pieces(row: dict, fmt: str, tok, train_on_prompt: bool) -> list[tuple[str, bool]]:
+    """The row as text pieces, each with whether the loss counts it; ``fmt`` may be ``auto``."""
+    if not isinstance(row, dict):
+        raise UserError(f"a {fmt} row must be a JSON object, got {type(row).__name__}")
     if fmt == "auto":
         fmt = detect_format(row)
+    missing = [f for f in _FIELDS.get(fmt, ()) if f not in row]
+    if missing:
+        raise UserError(f"a row has no '{missing[0]}' field (fields: {sorted(row)[:6]}) for data.format={fmt}: fix the "
+                        "data or choose the format its rows have")
+    return [(text, train or train_on_prompt) for text, train in _pieces(row, fmt, tok) if text]
+
+
+def render_row(text: str, fmt: str, tok, train_on_prompt: bool) -> list[tuple[str, bool]]:
+    """``render_pieces`` of a row that travelled as its JSON text (sources.row_text)."""
+    return render_pieces(json.loads(text), fmt, tok, train_on_prompt)
+
+
+def row_strings(text: str) -> list[str]:
+    """Every string inside a row's JSON text (what a BPE trained on fine-tuning data learns from)."""
+    out, stack = [], [json.loads(text)]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return out
+
+
+def encode_example(row: dict, fmt: str, tok, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask of 0/1 per token) of one row; ``fmt`` may be ``auto``."""
     ids, mask = [], []
-    for text, train in _pieces(row, fmt, tok):
+    for text, train in render_pieces(row, fmt, tok, train_on_prompt):
         piece = _encode(tok, text)
         ids += piece
-        mask += [1 if (train or train_on_prompt) else 0] * len(piece)
+        mask += [int(train)] * len(piece)
     return ids, mask

@@ -13,6 +13,7 @@ formats) also turns targets into -100.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,12 @@ class Batch:
         if self.loss_mask is not None:
             keep = self.loss_mask[:, 1:] if keep is None else keep & self.loss_mask[:, 1:]
         return tgt if keep is None else tgt.masked_fill(~keep, IGNORE)
+
+    @property
+    def counts_selectively(self) -> bool:
+        """Whether some targets are not counted (document boundaries, loss masks, padding): the loss then needs the
+        global batch's count of those that are."""
+        return self.document_ids is not None or self.loss_mask is not None
 
     @property
     def kwargs(self) -> dict:
@@ -109,8 +116,91 @@ class DocumentBlocks:
                      loss_mask)
 
 
-def training_rows(blocks: TokenBlocks, packing: str):
-    """What the loader draws from: plain token rows (concat packing, no loss mask) or Batches."""
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Bins of item indices, each bin's lengths summing to at most ``capacity``: items longest first, each into
+    the fullest bin it fits (TRL's and torchtune's packing). Deterministic: every rank computes the same bins."""
+    order = np.argsort(-lengths, kind="stable")
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    bins: list[list[int]] = []
+    for i in order:
+        n = int(lengths[i])
+        j = bisect.bisect_left(free, (n, -1))
+        if j == len(free):
+            bins.append([int(i)])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+        else:
+            room, b = free.pop(j)
+            bins[b].append(int(i))
+            bisect.insort(free, (room - n, b))
+    return [np.asarray(b, dtype=np.int64) for b in bins]
+
+
+class PackedExamples:
+    """Fine-tuning examples packed whole into rows of ``seq_len + 1`` tokens (best-fit decreasing), each example on
+    its own: positions restart at its first token, attention and targets never cross into another example, the
+    row's tail is padding that the loss ignores. An example longer than a row keeps its last ``seq_len + 1`` tokens
+    (the answer and as much of the prompt as fits: cut from the prompt side), counted in ``truncated``."""
+
+    def __init__(self, split, seq_len: int, pad_id: int):
+        self.source, self.seq_len, self.pad_id = split, seq_len, pad_id
+        width = seq_len + 1
+        self.offsets = np.asarray(split.offsets, dtype=np.int64)
+        lengths = np.diff(self.offsets)
+        self.truncated = int((lengths > width).sum())
+        self.kept = np.minimum(lengths, width)
+        usable = np.flatnonzero(self.kept >= 2)  # an example needs an input and a target
+        bins = best_fit_decreasing(self.kept[usable], width)
+        self.bins = [usable[b] for b in bins]
+        used = int(self.kept[usable].sum())
+        self.fill = used / max(1, len(self.bins) * width)  # share of the rows' tokens that are not padding
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.bins), self.seq_len + 1)
+
+    def _row(self, b: int) -> tuple[np.ndarray, ...]:
+        width = self.seq_len + 1
+        tokens = np.full(width, self.pad_id, dtype=np.int64)
+        doc = np.full(width, len(self.bins[b]), dtype=np.int64)  # the padding is a document of its own
+        pos = np.zeros(width, dtype=np.int64)
+        mask = np.zeros(width, dtype=bool)
+        at, loss = 0, self.source.arrays.get("mask")
+        for d, e in enumerate(self.bins[b]):
+            n = int(self.kept[e])
+            lo, hi = self.offsets[e + 1] - n, self.offsets[e + 1]  # the example's last n tokens
+            tokens[at: at + n] = self.source.tokens[lo:hi]
+            mask[at: at + n] = True if loss is None else loss[lo:hi].astype(bool)
+            doc[at: at + n], pos[at: at + n] = d, np.arange(n)
+            at += n
+        pos[at:] = np.arange(width - at)
+        return tokens, doc, pos, mask
+
+    def __getitem__(self, index) -> Batch:
+        scalar = isinstance(index, (int, np.integer))
+        if isinstance(index, slice):
+            rows = range(*index.indices(len(self.bins)))
+        else:
+            rows = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        parts = [self._row(int(b)) for b in rows]
+        cols = [torch.from_numpy(np.stack(c)) if parts else torch.zeros(0, self.seq_len + 1, dtype=torch.int64)
+                for c in zip(*parts)] if parts else [torch.zeros(0, self.seq_len + 1, dtype=torch.int64)] * 4
+        batch = Batch(cols[0], cols[1], cols[2], cols[3].bool())
+        return batch._map(lambda t: t[0]) if scalar else batch
+
+
+def resolve_packing(cfg) -> str:
+    """data.packing, or its default: document for the fine-tuning formats, concat for text."""
+    return cfg.packing or ("concat" if cfg.format == "text" else "document")
+
+
+def training_rows(blocks: TokenBlocks, packing: str, pad_id: int = 0):
+    """What the loader draws from: plain token rows (concat packing, no loss mask), windows as Batches, or whole
+    fine-tuning examples packed into rows (document packing of a store with a loss mask)."""
     if packing == "concat" and "mask" not in blocks.source.arrays:
         return blocks
+    if packing == "document" and "mask" in blocks.source.arrays:
+        return PackedExamples(blocks.source, blocks.seq_len, pad_id)
     return DocumentBlocks(blocks, packing)

@@ -62,6 +62,7 @@ def held_out(index: int, fraction: float, seed: int) -> bool:
 
 def make_tokenizer(cfg: DataConfig, seed: int, out: str) -> None:
     """The store's tokenizer into ``out``: the configured one, or a BPE trained on the corpus' first characters."""
+    from framework.data.formats import ensure_chat_template, row_strings
     from framework.data.sources import capped
     from framework.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
@@ -69,10 +70,16 @@ def make_tokenizer(cfg: DataConfig, seed: int, out: str) -> None:
         tok = load_tokenizer(cfg.tokenizer)
     else:
         texts = (text for text, _ in capped(iter_documents(cfg, seed), cfg.bpe_train_chars))
+        if cfg.format != "text":  # the rows' own strings, not their JSON
+            texts = (t for text in texts for t in row_strings(text))
         tok = train_bpe(texts, cfg.vocab_size)
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer in {cfg.tokenizer} has no EOS token, which ends every document of the store: "
                         "use a tokenizer with one")
+    if cfg.format in ("messages", "auto"):
+        # conversations are rendered with it: a tokenizer without one gets the project's template, saved with it,
+        # so the run's tokenizer, its export, framework.generate and framework.serve render them the same way
+        ensure_chat_template(tok)
     save_tokenizer(tok, out)
 
 
@@ -206,6 +213,21 @@ def iter_chunks(cfg: DataConfig, seed: int):
         yield k, texts, splits
 
 
+def rendered_chunks(cfg: DataConfig, seed: int, tokenizer_dir: str):
+    """``iter_chunks``, with each fine-tuning row rendered into its pieces [(text, counted)] (formats.py) here, in
+    the main process (a chat template needs transformers, which the workers do without)."""
+    if cfg.format == "text":
+        yield from iter_chunks(cfg, seed)
+        return
+    from framework.data.formats import render_row
+    from framework.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    train_on_prompt = bool(cfg.train_on_prompt)
+    for k, texts, splits in iter_chunks(cfg, seed):
+        yield k, [render_row(t, cfg.format, tok, train_on_prompt) for t in texts], splits
+
+
 def tokenize_chunks(cfg: DataConfig, seed: int, out: str, plan: dict, progress: bool) -> list[dict]:
     """Every chunk of the corpus tokenized into out/chunks (finished ones kept); their jsons in order."""
     chunk_dir = os.path.join(out, "chunks")
@@ -220,7 +242,7 @@ def tokenize_chunks(cfg: DataConfig, seed: int, out: str, plan: dict, progress: 
         meter.done(info)
 
     try:
-        for k, texts, splits in iter_chunks(cfg, seed):
+        for k, texts, splits in rendered_chunks(cfg, seed, args[0]):
             path = os.path.join(chunk_dir, f"{chunk_name(k)}.json")
             if os.path.isfile(path):  # finished by an earlier run
                 with open(path) as f:
@@ -253,6 +275,7 @@ def merge_chunks(out: str, chunks: list[dict], plan: dict) -> dict:
     """Concatenate the chunks into the flat files; write store.json last and drop the chunks."""
     chunk_dir = os.path.join(out, "chunks")
     splits = {}
+    masked = any(c.get("masked") for c in chunks)
     for s in SPLITS:
         lengths = [np.load(os.path.join(chunk_dir, f"{chunk_name(k)}.{s}.len.npy")) for k in range(len(chunks))]
         with open(os.path.join(out, f"{s}.bin.tmp"), "wb") as dst:
@@ -260,6 +283,12 @@ def merge_chunks(out: str, chunks: list[dict], plan: dict) -> dict:
                 with open(os.path.join(chunk_dir, f"{chunk_name(k)}.{s}.bin"), "rb") as src:
                     shutil.copyfileobj(src, dst, 16 << 20)
         os.replace(os.path.join(out, f"{s}.bin.tmp"), os.path.join(out, f"{s}.bin"))
+        if masked:
+            with open(os.path.join(out, f"{s}.mask.bin.tmp"), "wb") as dst:
+                for k in range(len(chunks)):
+                    with open(os.path.join(chunk_dir, f"{chunk_name(k)}.{s}.mask.bin"), "rb") as src:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            os.replace(os.path.join(out, f"{s}.mask.bin.tmp"), os.path.join(out, f"{s}.mask.bin"))
         all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int64)
         np.save(os.path.join(out, f"{s}.idx.npy"), offsets)
@@ -269,7 +298,8 @@ def merge_chunks(out: str, chunks: list[dict], plan: dict) -> dict:
         counts += np.load(os.path.join(chunk_dir, f"{chunk_name(k)}.counts.npy"))
     np.save(os.path.join(out, "counts.npy"), counts)
     meta = {"version": STORE_VERSION, "tokens": sum(v["tokens"] for v in splits.values()),
-            "documents": sum(v["documents"] for v in splits.values()), "splits": splits, "arrays": {},
+            "documents": sum(v["documents"] for v in splits.values()), "splits": splits,
+            "arrays": {"mask": "uint8"} if masked else {},
             "chars": sum(c["chars"] for c in chunks), **plan}
     write_json_atomic(os.path.join(out, "store.json"), meta)
     shutil.rmtree(chunk_dir, ignore_errors=True)
@@ -287,7 +317,7 @@ def start_build(cfg: DataConfig, seed: int, out: str, fp: str) -> dict:
         if plan.get("fingerprint") == fp and os.path.isdir(os.path.join(out, "tokenizer")):
             return plan
     for name in ("chunks", "tokenizer", "store.json", "build.json", "counts.npy",
-                 *(f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx.npy"))):
+                 *(f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx.npy", "mask.bin"))):
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
     os.makedirs(os.path.join(out, "chunks"))
@@ -298,7 +328,8 @@ def start_build(cfg: DataConfig, seed: int, out: str, fp: str) -> dict:
     vocab = len(tok)
     plan = {"fingerprint": fp, "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": vocab,
             "dtype": token_dtype(vocab).name, "eos_id": int(tok.eos_token_id), "seed": seed,
-            "val_fraction": cfg.val_fraction, "source": cfg.source if not cfg.mixture else "mixture"}
+            "val_fraction": cfg.val_fraction, "source": cfg.source if not cfg.mixture else "mixture",
+            "format": cfg.format}
     write_json_atomic(plan_path, plan)
     return plan
 

@@ -7,7 +7,8 @@
 - ``data.mixture``: several of these, interleaved in proportion to their weights.
 
 A document is ``(text, split)``: split is "val" or "train" where the source decides (synthetic), None where the
-store's seeded rule does.
+store's seeded rule does. With a fine-tuning ``data.format`` a JSONL/Parquet/hub row travels whole, as its JSON
+text (``row_text``), and is rendered into tokens and a loss mask when the store is built (formats.py).
 """
 
 from __future__ import annotations
@@ -92,7 +93,17 @@ def iter_text_file(path: str) -> Iterator[Document]:
         yield "".join(piece), None
 
 
-def _field(row: dict, field: str, where: str) -> str:
+def row_text(row: dict) -> str:
+    """A fine-tuning row as one document's text: its JSON (read back by ``framework.data.formats``)."""
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _field(row: dict, field: str | None, where: str) -> str:
+    """The row's text field; field None: the whole row (fine-tuning formats)."""
+    if field is None:
+        if not isinstance(row, dict):
+            raise UserError(f"{where} is {type(row).__name__}, not an object: fine-tuning rows are JSON objects")
+        return row_text(row)
     if field not in row:
         raise UserError(f"{where} has no '{field}' field (fields: {sorted(row)}); set data.text_field")
     text = row[field]
@@ -101,7 +112,7 @@ def _field(row: dict, field: str, where: str) -> str:
     return text
 
 
-def iter_jsonl(path: str, field: str) -> Iterator[Document]:
+def iter_jsonl(path: str, field: str | None) -> Iterator[Document]:
     with open(path, "rb") as f:
         first = f.read(1 << 10).lstrip()[:1]
         f.seek(0)
@@ -118,10 +129,15 @@ def iter_jsonl(path: str, field: str) -> Iterator[Document]:
                 yield _field(row, field, f"{path} line {n}"), None
 
 
-def iter_parquet(path: str, field: str) -> Iterator[Document]:
+def iter_parquet(path: str, field: str | None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
+    if field is None:  # fine-tuning rows: every column
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield row_text(row), None
+        return
     if field not in pf.schema_arrow.names:
         raise UserError(f"{path} has no '{field}' column (columns: {pf.schema_arrow.names}); set data.text_field")
     for batch in pf.iter_batches(batch_size=1024, columns=[field]):
@@ -130,24 +146,27 @@ def iter_parquet(path: str, field: str) -> Iterator[Document]:
                 yield text, None
 
 
-def iter_files(src) -> Iterator[Document]:
+def iter_files(src, field: str | None) -> Iterator[Document]:
     for path in expand_paths(list(src.paths)):
         if path.endswith(TEXT_SUFFIXES):
+            if field is None:
+                raise UserError(f"{path} is a text file, but the data format reads rows: give JSONL or Parquet rows, "
+                                "or data.format=text")
             yield from iter_text_file(path)
         elif path.endswith(".parquet"):
-            yield from iter_parquet(path, src.text_field)
+            yield from iter_parquet(path, field)
         else:
-            yield from iter_jsonl(path, src.text_field)
+            yield from iter_jsonl(path, field)
 
 
-def iter_hub(src) -> Iterator[Document]:
+def iter_hub(src, field: str | None) -> Iterator[Document]:
     if not src.hub_name:
         raise UserError("data.source=hub needs data.hub_name=<dataset or local dataset directory>")
     import datasets
 
     ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split, streaming=True)
     for i, row in enumerate(ds):
-        yield _field(row, src.text_field, f"{src.hub_name} row {i}"), None
+        yield _field(row, field, f"{src.hub_name} row {i}"), None
 
 
 def iter_synthetic(cfg: DataConfig, seed: int, own_split: bool) -> Iterator[Document]:
@@ -179,7 +198,9 @@ def iter_source(src, cfg: DataConfig, seed: int) -> Iterator[Document]:
     """One source (the data config itself, or an entry of its mixture)."""
     if src.source == "synthetic":
         return capped(iter_synthetic(cfg, seed, own_split=src is cfg), src.max_chars)
-    readers = {"stdlib": lambda: iter_stdlib(), "files": lambda: iter_files(src), "hub": lambda: iter_hub(src)}
+    field = src.text_field if cfg.format == "text" else None  # fine-tuning formats: whole rows
+    readers = {"stdlib": lambda: iter_stdlib(), "files": lambda: iter_files(src, field),
+               "hub": lambda: iter_hub(src, field)}
     if src.source not in readers:
         raise UserError(f"unknown data source '{src.source}': use synthetic, stdlib, files or hub")
     return capped(readers[src.source](), src.max_chars)
@@ -269,8 +290,15 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise UserError(f"no tokenizer.json in data.tokenizer={cfg.tokenizer}: point it at a Hugging Face tokenizer directory")
     if cfg.synthetic.task not in TASKS and any(s.source == "synthetic" for s in cfg.mixture or [cfg]):
         raise UserError(f"unknown synthetic task '{cfg.synthetic.task}': use one of {', '.join(TASKS)}")
-    if cfg.packing not in ("concat", "document"):
+    if cfg.packing not in (None, "concat", "document"):
         raise UserError(f"data.packing={cfg.packing}: use concat or document")
+    from framework.data.formats import FORMATS
+
+    if cfg.format not in (*FORMATS, "auto"):
+        raise UserError(f"data.format={cfg.format}: use one of {', '.join(FORMATS)} or auto")
+    if cfg.format != "text" and any(s.source in ("stdlib", "synthetic") for s in cfg.mixture or [cfg]):
+        raise UserError(f"data.format={cfg.format} reads rows of JSONL/Parquet/hub data: use data.source=files (or "
+                        "hub) with such rows, or data.format=text")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"data.val_fraction={cfg.val_fraction}: use a share in [0, 1)")
     if cfg.store is not None and not os.path.isfile(os.path.join(cfg.store, "store.json")):

@@ -80,10 +80,12 @@ class RowDotLinear(nn.Module):
 
 def relaid(linear: nn.Linear, rows_hint: int, compiled: bool = False) -> nn.Module | None:
     """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear. The packed kernel costs a
-    little more a call, so below 512x512 weights it pays only from 32 rows on."""
+    little more a call, so below 512x512 weights it pays only from 32 rows on. A compiled step never gets it:
+    inductor lowers ``mkldnn._linear_pointwise`` only for a weight it froze itself (an AssertionError in its
+    lowering, torch 2.13), so there the transposed layout's plain GEMM runs instead."""
     if rows_hint <= 1 and compiled:
         return RowDotLinear(linear)
-    if rows_hint <= 2:
+    if rows_hint <= 2 or compiled:
         return TransposedLinear(linear)
     if linear.weight.numel() >= 2**18 or rows_hint >= 32:
         return PackedLinear(linear, rows_hint)

@@ -28,14 +28,23 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, rows: int = 1024) -
 
 
 @torch.no_grad()
-def validation_loss(model, blocks: torch.Tensor, batch_size: int, max_batches: int, device) -> float:
-    """Mean token loss over the first ``max_batches`` batches; the host reads it once, at the end."""
-    total, count = torch.zeros((), dtype=torch.float32, device=device), 0
+def validation_loss(model, blocks, batch_size: int, max_batches: int, device) -> tuple[float, float]:
+    """(mean loss, token accuracy) over the counted targets of the first ``max_batches`` batches (document
+    packing and loss masks as in training); the host reads them once, at the end."""
+    from framework.data.packing import as_batch
+
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    right = torch.zeros((), dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, min(blocks.shape[0], batch_size * max_batches), batch_size):
-        batch = blocks[i: i + batch_size].to(device)
-        total += lm_loss_sum(model(batch[:, :-1]), batch[:, 1:])
-        count += batch[:, 1:].numel()
-    return total.item() / max(1, count)
+        batch = as_batch(blocks[i: i + batch_size]).to(device)
+        logits, targets = model(batch.inputs, **batch.kwargs), batch.targets
+        total += lm_loss_sum(logits, targets)
+        counted = targets != -100
+        right += ((logits.argmax(-1) == targets) & counted).sum()
+        count += counted.sum()
+    n = max(1, int(count.item()))
+    return total.item() / n, right.item() / n
 
 
 @torch.no_grad()
@@ -75,9 +84,10 @@ def exact_match(model, tokenizer, examples: list[Example], limit: int, device) -
 def evaluate(model, data, trainer_cfg, device) -> dict:
     was_training = model.training
     model.eval()
-    loss = validation_loss(model, data.val, trainer_cfg.micro_batch_size, trainer_cfg.eval_batches, device)
-    out = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-    if data.eval_examples and trainer_cfg.eval_exact_match > 0:
+    loss, accuracy = validation_loss(model, data.val, trainer_cfg.micro_batch_size, trainer_cfg.eval_batches, device)
+    out = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_token_accuracy": accuracy}
+    generate = not getattr(data, "fine_tuning", False) or trainer_cfg.eval_generate  # synthetic tasks: always
+    if data.eval_examples and trainer_cfg.eval_exact_match > 0 and generate:
         out["eval_exact_match"] = exact_match(model, data.tokenizer, data.eval_examples, trainer_cfg.eval_exact_match,
                                               device)
     if was_training:

@@ -18,7 +18,7 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add nothin
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, divisor: torch.Tensor | None) -> torch.Tensor:
         # logits (N, V) any float dtype, targets (N,) int64
         n = logits.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)  # (N,) log-sum-exp of each position
@@ -30,10 +30,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse[i: i + chunk] = torch.logsumexp(part, dim=-1)
             picked = part.gather(1, safe[i: i + chunk, None])[:, 0]
             total += ((lse[i: i + chunk] - picked) * valid[i: i + chunk]).sum()
-        count = valid.sum()
+        count = valid.sum() if divisor is None else divisor
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.chunk = chunk
-        return total / count  # nan when every target is ignored, as F.cross_entropy
+        return total / count  # nan when every target is ignored (and no divisor given), as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -48,13 +48,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             g.scatter_add_(1, safe[i: i + ctx.chunk, None], -torch.ones_like(g[:, :1]))  # minus the one-hot target
             g *= (scale * valid[i: i + ctx.chunk])[:, None]
             grad[i: i + ctx.chunk] = g.to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096,
+                          divisor: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy in fp32 over ``chunk`` positions at a time (forward and backward): the value
     and gradient of ``F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))`` without an fp32 copy of
-    the whole logits. logits (..., V), targets (...) int64; targets of -100 are ignored."""
+    the whole logits. logits (..., V), targets (...) int64; targets of -100 are ignored. ``divisor`` (a scalar
+    tensor) replaces the count of targets: the summed loss over it."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: at least one position a chunk")
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
@@ -64,10 +66,27 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: in
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for i in range(0, flat.shape[0], chunk):
             total += F.cross_entropy(flat[i: i + chunk].float(), tgt[i: i + chunk], reduction="sum")
-        return total / valid.sum()
-    return _ChunkedCrossEntropy.apply(flat, tgt, chunk)
+        return total / (valid.sum() if divisor is None else divisor)
+    return _ChunkedCrossEntropy.apply(flat, tgt, chunk, divisor)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss: mean next-token cross entropy, in fp32, chunked. logits (B, T, V), targets (B, T)."""
-    return chunked_cross_entropy(logits, targets)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: next-token cross entropy, in fp32, chunked; the mean over the counted targets, or their
+    sum over ``divisor``. logits (B, T, V), targets (B, T)."""
+    return chunked_cross_entropy(logits, targets, divisor=divisor)
+
+
+def global_divisor(targets: torch.Tensor, gas: int, group=None) -> torch.Tensor | None:
+    """What each micro-batch's summed loss is divided by so that the step's gradient is that of the mean over the
+    counted targets of the whole global batch, not a mean of per-micro-batch means: DeepSpeed divides each micro
+    loss by the accumulation steps and averages the gradients over dp, so a micro loss of sum / (N_global / (gas x
+    dp)) gives sum_all / N_global. N_global is all-reduced over the world and divided by the ranks that share a
+    batch (tensor parallelism); ``targets`` are this rank's (B, T) with -100 not counted. (Where every target
+    counts, every micro-batch counts as many and the plain mean is already that: the trainer then skips this.)"""
+    import torch.distributed as dist
+
+    counted = (targets != IGNORE_INDEX).sum().float()
+    if not dist.is_initialized():
+        return counted / gas
+    dist.all_reduce(counted, group=group)  # summed over dp x tp ranks: tp times N_global
+    return counted / (dist.get_world_size(group) * gas)  # tp N_global / (tp dp gas) = N_global / (gas dp)

@@ -25,7 +25,7 @@ from framework.cli import UserError
 from framework.config import TrainConfig, TrainerConfig
 from framework.data.dataset import TokenData, planned_tokenizer, prepare_data
 from framework.data.loader import ShardedLoader
-from framework.data.packing import as_batch
+from framework.data.packing import as_batch, resolve_packing
 from framework.data.sources import validate_data_config
 from framework.models.hf import from_hf_config, has_tokenizer, hf_slice_reader, load_hf_weights, read_hf_config
 from framework.models.llama import ModelArgs, build_model
@@ -35,7 +35,7 @@ from framework.parallel.parallelize import accumulation_steps, build_deepspeed_c
 from framework.parallel.topology import Topology, build_topology
 from framework.trainer.evaluate import evaluate
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
-from framework.trainer.loss import lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
+from framework.trainer.loss import global_divisor, lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
 from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, warmup_cosine
 
 __all__ = ["PRECISION_DTYPES", "model_shape", "train", "validate", "resolve_model_args", "export_engine"]
@@ -287,8 +287,12 @@ def prepare(job: Job) -> tuple[TokenData, ModelArgs]:
                         "in this run): resume it with its own data and tokenizer, or set checkpoint.resume=none")
     job.tokenizer_sha256 = data.tokenizer_sha256
     job.log(f"[miaotui] data: {data.train.shape[0]} train / {data.val.shape[0]} val blocks of {cfg.trainer.seq_len} "
-            f"tokens ({cfg.data.packing} packing), vocab {len(data.tokenizer)}, unigram entropy "
-            f"{data.unigram_entropy:.3f} nats, store {data.store.dir if data.store else '-'}")
+            f"tokens ({resolve_packing(cfg.data)} packing{', fine-tuning' if data.fine_tuning else ''}), vocab "
+            f"{len(data.tokenizer)}, unigram entropy {data.unigram_entropy:.3f} nats, "
+            f"store {data.store.dir if data.store else '-'}")
+    if data.fine_tuning and hasattr(data.train, "fill"):
+        job.log(f"[miaotui] fine-tuning: {data.train.shape[0]} packed rows, {100 * data.train.fill:.0f}% of their "
+                f"tokens are examples (the rest padding), {data.train.truncated} examples cut to fit")
     if data.val.shape[0] == 0 and cfg.trainer.eval_every:
         job.log("[miaotui] no held-out block (too few documents for data.val_fraction): evaluation is off")
         cfg.trainer.eval_every = 0
@@ -393,14 +397,24 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
     window_tokens, window_start = 0, time.perf_counter()
     stop = t.stop_at or t.max_steps
     step_tokens = t.global_batch_size * t.seq_len
+    right = torch.zeros((), dtype=torch.int64, device=device)  # fine-tuning: correct and counted targets since
+    seen = torch.zeros((), dtype=torch.int64, device=device)  # the last logged step (this rank)
+    counted_from, extra = start_step, {}
     engine.train()
     try:  # the loggers close (wandb finishes, TensorBoard flushes) even when a step raises
         while step < stop:
             batch = to_device(as_batch(loader.next_batch()), device)
             lr = engine.get_lr()[0]
             loss_sum = torch.zeros((), device=device)
+            # masked or packed rows: each micro loss is a sum over the global batch's counted targets (loss.py)
+            divisor = global_divisor(batch.targets, gas) if batch.counts_selectively else None
             for micro in batch.split(t.micro_batch_size):
-                loss = lm_loss(engine(micro.inputs, **micro.kwargs), micro.targets)
+                logits = engine(micro.inputs, **micro.kwargs)
+                loss = lm_loss(logits, micro.targets, divisor)
+                if data.fine_tuning:
+                    counted = micro.targets != -100
+                    right += ((logits.detach().argmax(-1) == micro.targets) & counted).sum()
+                    seen += counted.sum()
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().float()
@@ -417,8 +431,17 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 gn = engine.get_global_grad_norm()
+                if data.fine_tuning:  # the tokens the loss counted, and how many of them the model predicts
+                    dist.all_reduce(right)
+                    dist.all_reduce(seen)
+                    tp = job.topo.tp
+                    extra = {"tokens_counted": int(seen.item()) // tp // (step - counted_from),
+                             "token_accuracy": right.item() / max(1, seen.item())}
+                    right.zero_()
+                    seen.zero_()
+                    counted_from = step
                 last = {
-                    "step": step, "loss": loss_value, "lr": lr,
+                    **extra, "step": step, "loss": loss_value, "lr": lr,
                     "grad_norm": float(gn) if gn is not None else None,
                     "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
                     "tflops_per_device": flops_per_token * tps / job.world / 1e12,

@@ -255,3 +255,81 @@ def test_already_compressed_is_refused(hf_dir, tmp_path):
     out = compress_to(hf_dir, tmp_path / "int8", "int8")
     with pytest.raises(UserError, match="already compressed"):
         compress_to(out, tmp_path / "again", "int4", group_size=32)
+
+
+# -- the CPU decode kernels (framework/kernels/quant_gemv.cpp) -------------------------------------------------
+def kernel_layer(kind: str, out_f: int, in_f: int, seed: int = 0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    if kind == "int8":
+        return Int8Linear.from_linear(lin)
+    return Int4Linear.from_linear(lin, int(kind.split("-")[1]))
+
+
+def assert_fp32_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y equals x @ w.T (w the dequantized weight) up to the kernel's fp32 summation: each of 16 lanes adds K/16
+    products in order, a 4-level tree adds the lanes, int8's scale is one more rounding, so each output is within
+    (K/16 + 6) fp32 ulps of sum_k |x_k w_k| (the classic bound; the products themselves are exact in fp32)."""
+    ref = x.double() @ w.double().t()
+    bound = (x.shape[1] / 16 + 6) * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+    assert ((y.double() - ref).abs() <= bound + 1e-30).all(), float(((y.double() - ref).abs() / bound).max())
+
+
+needs_kernels = pytest.mark.skipif(not __import__("framework.kernels.cpu_quant", fromlist=["x"]).available(),
+                                   reason="the CPU decode kernels did not build here (no C++ compiler)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("kind,shape", [("int8", (37, 100)), ("int8", (96, 256)), ("int8", (130, 529)),
+                                        ("int4-32", (48, 96)), ("int4-64", (33, 320)), ("int4-128", (40, 384)),
+                                        ("int4-256", (17, 512))])
+def test_cpu_kernel_is_the_dequantized_fp32_product(kind, shape, rows):
+    mod = kernel_layer(kind, *shape)
+    w = mod.dequantized()
+    x = torch.randn(rows, shape[1])
+    y = mod(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, shape[0])
+    assert_fp32_product(y, x, w)
+    # a row's result does not depend on what shares its batch (nor on the thread split): tp slices stay exact
+    assert torch.equal(mod(x[-1:]), y[-1:])
+    # bf16 models: the same fp32 product, rounded once to bf16
+    y16 = mod(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, mod(x.bfloat16().float()).bfloat16())
+
+
+@needs_kernels
+def test_cpu_kernels_under_torch_compile_and_dispatch_by_rows():
+    """Compiled (fullgraph: the kernels are opaque custom ops with fake implementations) equals eager to the bit,
+    at batch 1 and 8; int8 above GEMV_MAX_ROWS rows takes aten's bf16 kernel."""
+    from framework.compress.quantize import GEMV_MAX_ROWS
+
+    a, b = kernel_layer("int8", 64, 96), kernel_layer("int4-32", 96, 64, seed=1)
+    net = nn.Sequential(a, nn.SiLU(), b)
+    step = torch.compile(net, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, 8):
+            x = torch.randn(rows, 96)
+            assert torch.equal(step(x), net(x))
+    assert isinstance(b.packed, torch.Tensor) and "packed" in dict(b.named_buffers())  # static for CUDA graphs
+    x = torch.randn(GEMV_MAX_ROWS + 1, 96)
+    assert_fp32_product(a(x[:GEMV_MAX_ROWS]), x[:GEMV_MAX_ROWS], a.dequantized())
+    big = a(x)  # aten: activations rounded to bf16, so no longer the fp32 product, but within bf16 rounding of it
+    ref = x @ a.dequantized().t()
+    assert not torch.equal(big[:GEMV_MAX_ROWS], a(x[:GEMV_MAX_ROWS])) and rel_err(big, ref) < TOL
+
+
+def test_layers_fall_back_to_aten_kernels_without_a_compiler():
+    """No compiler (or MIAOTUI_QUANT_KERNELS=0): the layers keep PyTorch's kernels, same results to bf16 rounding."""
+    from framework.kernels import cpu_quant
+
+    for kind in ("int8", "int4-32"):
+        with cpu_quant.disabled():  # int8 picks its kernel when built, int4 when packed
+            mod = kernel_layer(kind, 48, 128)
+            ref_w = mod.dequantized()
+            if isinstance(mod, Int4Linear):
+                mod.pack()
+        x = torch.randn(3, 128)
+        y = mod(x)
+        assert getattr(mod, "gemv_rows", 0) == 0 and getattr(mod, "kernel_zero", None) is None
+        assert rel_err(y, x @ ref_w.t()) < TOL

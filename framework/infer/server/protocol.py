@@ -48,12 +48,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from framework.data.formats import DEFAULT_CHAT_TEMPLATE  # one template for training and serving
 from framework.infer.sampler import MAX_LOGPROBS
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
-)
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 16  # stop strings a request may give
