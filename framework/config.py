@@ -159,6 +159,10 @@ class TrainerConfig:
     """Peak TFLOP/s per device for MFU; None looks the device up in a table."""
     init_from: str | None = None
     """A Hugging Face safetensors directory (Llama or Qwen2) to start from instead of random weights."""
+    distill_from: str | None = None
+    """An export (or run directory) of a target model: train this model, on the target's tokenizer, to match the
+    target's next-token distributions (KL loss; the target runs forward, frozen, in the same job): a speculative
+    decoding draft (framework/trainer/distill.py)."""
 
 
 @dataclass
@@ -311,9 +315,12 @@ class InferConfig:
     """Longest suffix tried first (speculative=ngram)."""
     draft_model_dir: str | None = None
     """The draft model (an export or run directory; same tokenizer as the target) for speculative=draft."""
-    speculative_max_batch: int = 32
+    speculative_max_batch: int = 16
     """Decode rows in a step from which no drafts are added: verifying k extra rows a row is free only while a step
-    is bound by reading the weights (scripts/bench_spec.py measures where that stops)."""
+    is bound by reading the weights. Measured (30M Llama, CPU, one thread, eager): a step of 5r rows costs 1.3-1.8x
+    one of r rows up to r = 8, 3.7x at r = 16 and 4.3-4.5x from r = 32 (compute-bound), more than the ~2-4 tokens a
+    verification emits. GPUs stay weight-bound to larger batches: scripts/bench_spec.py's "forced on" column
+    measures the crossover there."""
 
 
 @dataclass

@@ -129,10 +129,13 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
     from framework.infer.cache import KVCache, bytes_per_slot, fit_slots, kv_budget_bytes
     from framework.infer.sampler import Sampler
     from framework.infer.scheduler import Scheduler, StepPlan
+    from framework.infer.speculative import check_speculative_keys
     from framework.infer.tensor_parallel import TPGroup
     from framework.infer.transport import make_transport
     from framework.infer.worker import StageWorker
 
+    check_speculative_keys(inf)  # every rank, before any weight is read
+    k = inf.num_speculative_tokens if inf.speculative != "none" else 0  # draft rows a decode row may bring
     pp, tp = inf.pp, inf.tp
     stage, tp_rank = stages[rank // tp], rank % tp
     max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
@@ -155,17 +158,25 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_
         dist.all_gather_object(box, slots)
         slots = min(box)
     cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
+    # a step has draft rows only while its lane decodes fewer than speculative_max_batch rows
+    draft_rows = min(slots, inf.speculative_max_batch - 1) * k
     tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
-    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg)
+    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg,
+                         max_rows=slots + draft_rows)
     worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
-    capacity = StepPlan.capacity(slots, inf.prefill_chunk)
-    transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + inf.prefill_chunk, args.dim,
-                               dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk))
+    capacity = StepPlan.capacity(slots, inf.prefill_chunk, draft_rows)
+    transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + draft_rows + inf.prefill_chunk,
+                               args.dim, dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk,
+                                                                                          draft_rows))
     sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
     scheduler = None
     if rank == 0:
+        from framework.infer.speculative import build_proposer
+
         scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_ids=read_eos_ids(model_dir, tokenizer),
-                              tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len)
+                              tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len,
+                              proposer=build_proposer(inf, tokenizer, slots, max_len, device, dtype),
+                              num_speculative_tokens=k, speculative_max_batch=inf.speculative_max_batch)
     ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
@@ -273,6 +284,7 @@ def generate(cfg) -> dict:
         "stage_busy_fraction": busy, "pp": inf.pp, "tp": inf.tp, "model_mb": model_mb,
         "micro_batches": inf.micro_batches or inf.pp,
         "steps": engine.steps, "stage_memory": mem,
+        **spec_summary(engine.scheduler, inf),
     }
     if cfg.output:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
@@ -294,6 +306,18 @@ def generate(cfg) -> dict:
             json.dump(summary, f, indent=1)
     summary["outputs"] = lines
     return summary
+
+
+def spec_summary(scheduler, inf) -> dict:
+    """Speculative decoding's part of the summary: the proposer, the drafts verified and kept, their rate, the
+    tokens a verification emits on average, and the steps that did not speculate because their batch was large."""
+    if inf.speculative == "none":
+        return {"speculative": "none"}
+    st = scheduler.spec
+    return {"speculative": inf.speculative, "num_speculative_tokens": inf.num_speculative_tokens,
+            "draft_tokens": st.proposed, "accepted_tokens": st.accepted, "acceptance_rate": st.acceptance_rate,
+            "mean_accepted_length": st.mean_accepted_length, "verify_steps": st.steps,
+            "spec_skipped_steps": scheduler.spec_skipped_steps}
 
 
 def as_dictconfig(cfg) -> DictConfig:

@@ -21,6 +21,10 @@ the tokenizer's), at ``max_new_tokens``, or at a stop string. Stop strings are f
 ``StopScanner`` per sequence decodes each new token once and searches only the tail it can complete), and a
 match cuts the token ids to those whose text lies before the stop string: token ids, text and usage agree.
 
+Speculative decoding (framework/infer/speculative.py) is a decision of the same kind: a decode row may bring k draft
+tokens as k extra decode rows of its slot at the next positions; the last stage samples every row, and ``complete``
+keeps the drafts the target agrees with plus the target's own next token.
+
 A step travels as a ``StepPlan``: a few integer lists (slots, positions, chunk bounds, new rows' sampling
 parameters, input token ids) encoded into one fixed-size int64 tensor, so that every stage can post the receive
 for the next plan before it computes.
@@ -38,6 +42,7 @@ import torch
 
 from framework.infer.cache import SlotPool
 from framework.infer.sampler import MAX_LOGPROBS, SamplingParams, unpack_logprobs
+from framework.infer.speculative import SpecStats, accepted_prefix
 
 GO, STOP = 1, 0
 
@@ -66,6 +71,8 @@ class Sequence:
     cancelled: bool = False
     logprobs: list = field(default_factory=list)  # per generated token: (logprob, [(id, logprob)] * k)
     prompt_logprobs: list = field(default_factory=list)  # per prompt token from the second: the same
+    spec: SpecStats = field(default_factory=SpecStats)  # its speculative decoding: acceptance and counters
+    spec_state: object | None = None  # the proposer's own state for this sequence
 
     @property
     def prompt_len(self) -> int:
@@ -82,7 +89,8 @@ def _i2f(x: int) -> float:
 
 @dataclass
 class StepPlan:
-    """One step of one lane. Tokens are laid out as: one per decode row, then each prompt chunk in turn."""
+    """One step of one lane. Tokens are laid out as: one per decode row, then each prompt chunk in turn. A decode
+    row that speculates is followed by its draft rows: the same slot at the next positions, the drafts as tokens."""
 
     lane: int = 0
     flag: int = GO
@@ -115,6 +123,16 @@ class StepPlan:
         for slot, _, length in self.segs:
             slots.extend([slot] * length)
         return slots
+
+    def dec_groups(self) -> list[tuple[int, int, int]]:
+        """(slot, first row, rows) of each decoding sequence: its input row and the draft rows after it."""
+        groups = []
+        for i, slot in enumerate(self.dec_slots):
+            if groups and groups[-1][0] == slot:
+                groups[-1] = (slot, groups[-1][1], groups[-1][2] + 1)
+            else:
+                groups.append((slot, i, 1))
+        return groups
 
     def sample_rows(self) -> list[int]:
         """Indices (in token order) of the tokens whose logits are sampled: every decode row, and the last
@@ -194,22 +212,24 @@ class StepPlan:
         return plan
 
     @staticmethod
-    def capacity(n_slots: int, prefill_chunk: int) -> int:
-        """Ints a plan can need: every slot decoding, admitted and chunked in one step, plus the prompt tokens."""
-        return StepPlan.HEADER + n_slots * (2 + 5 + 7 + 1) + prefill_chunk
+    def capacity(n_slots: int, prefill_chunk: int, draft_rows: int = 0) -> int:
+        """Ints a plan can need: every slot decoding (and at most ``draft_rows`` draft rows), admitted and chunked in
+        one step, plus the prompt tokens."""
+        return StepPlan.HEADER + n_slots * (2 + 5 + 7 + 1) + draft_rows * 3 + prefill_chunk
 
     @staticmethod
-    def reply_capacity(n_slots: int, prefill_chunk: int) -> int:
-        """Ints a step's reply can need: every slot sampling with the most alternatives, every prompt row scored."""
+    def reply_capacity(n_slots: int, prefill_chunk: int, draft_rows: int = 0) -> int:
+        """Ints a step's reply can need: every row sampling with the most alternatives, every prompt row scored."""
         row = 1 + 2 * MAX_LOGPROBS
-        return n_slots * (1 + row) + prefill_chunk * row
+        return (n_slots + draft_rows) * (1 + row) + prefill_chunk * row
 
 
 class Scheduler:
     """Which sequences run in each lane's next step (stage 0 only)."""
 
     def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_ids: Iterable[int] = (), tokenizer=None,
-                 policy: str = "continuous", max_len: int = 1 << 30):
+                 policy: str = "continuous", max_len: int = 1 << 30, proposer=None, num_speculative_tokens: int = 0,
+                 speculative_max_batch: int = 1 << 30):
         if policy not in ("continuous", "static"):
             raise ValueError(f"unknown scheduling policy {policy}")
         self.lanes: list[list[Sequence]] = [[] for _ in range(n_lanes)]
@@ -225,6 +245,10 @@ class Scheduler:
         self._next = 0
         self.on_finish = None  # callback(seq) for front ends (progress bars, streaming)
         self.on_token = None  # callback(seq, token) after each new token (seq.generated may be cut already)
+        # speculative decoding: who proposes drafts, at most how many a row, from how many decode rows none
+        self.proposer, self.k_max, self.spec_max_batch = proposer, num_speculative_tokens, speculative_max_batch
+        self.spec = SpecStats()  # the engine's counters (server metrics, the generate summary)
+        self.spec_skipped_steps = 0  # steps whose lane decoded too many rows to speculate
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -294,12 +318,17 @@ class Scheduler:
             req = self.waiting.popleft()
             seq = Sequence(req, self.pools[lane].take(), lane)
             seqs.append(seq)
-        for s in sorted(seqs, key=lambda s: s.slot):  # decode rows (prompt done, last token back), by slot: rows
-            if s.prefilled == s.prompt_len:  # in consecutive slots read their cache as one view
-                plan.dec_slots.append(s.slot)
-                # a finished row of a static group keeps being computed (its tokens dropped) at its last position
-                plan.dec_pos.append(min(s.prompt_len + len(s.generated) - 1, self.max_len - 1))
-                plan.tokens.append(s.generated[-1])
+        # decode rows (prompt done, last token back), by slot: rows in consecutive slots read their cache as one view
+        decoding = [s for s in sorted(seqs, key=lambda s: s.slot) if s.prefilled == s.prompt_len]
+        drafts = self._drafts(decoding)
+        for s in decoding:
+            # a finished row of a static group keeps being computed (its tokens dropped) at its last position
+            pos = min(s.prompt_len + len(s.generated) - 1, self.max_len - 1)
+            d = drafts.get(s.slot, [])
+            plan.dec_slots.extend([s.slot] * (1 + len(d)))
+            plan.dec_pos.extend(range(pos, pos + 1 + len(d)))
+            plan.tokens.append(s.generated[-1])
+            plan.tokens.extend(d)
         for s in seqs:  # prompt chunks, oldest first, within the budget
             if s.prefilled < s.prompt_len and budget > 0:
                 n = min(s.prompt_len - s.prefilled, budget)
@@ -319,6 +348,28 @@ class Scheduler:
             return None
         self.in_flight[lane] = True
         return plan
+
+    def _drafts(self, decoding: list[Sequence]) -> dict[int, list[int]]:
+        """Draft tokens of the rows that speculate this step, by slot: each asks for the k its acceptance suggests,
+        no more than its remaining tokens and cache room allow; none when the lane decodes too many rows."""
+        if self.proposer is None or self.k_max < 1 or not decoding:
+            return {}
+        if len(decoding) >= self.spec_max_batch:
+            self.spec_skipped_steps += 1
+            return {}
+        seqs, ks = [], []
+        for s in decoding:
+            p = s.request.params
+            if s.finish_reason is not None or p.repetition_penalty != 1.0:
+                continue
+            pos = s.prompt_len + len(s.generated) - 1
+            k = min(s.spec.adapt.next_k(self.k_max), p.max_new_tokens - len(s.generated) - 1, self.max_len - 1 - pos)
+            if k > 0:
+                seqs.append(s)
+                ks.append(k)
+        if not seqs:
+            return {}
+        return {s.slot: d[:k] for s, k, d in zip(seqs, ks, self.proposer.propose(seqs, ks)) if d}
 
     def _admit_static_group(self) -> None:
         """Static batching (the baseline): the next group of requests, spread over the lanes, all at once."""
@@ -353,18 +404,31 @@ class Scheduler:
             row = [next(it) for _ in range(1 + 2 * k)]
             return unpack_logprobs(row, k)
 
-        drawn = {slot: (tok, take(slot) if top[slot] >= 0 else None) for slot, tok in zip(sample_slots, reply)}
+        # (token, log-probabilities or None) of every sampled row, in row order
+        drawn = [(tok, take(slot) if top[slot] >= 0 else None) for slot, tok in zip(sample_slots, reply)]
         for slot in plan.score_rows()[2]:
             seqs[slot].prompt_logprobs.append(take(slot))
-        for slot in plan.dec_slots:
-            tok, lp = drawn[slot]
-            if seqs[slot].finish_reason is None:
-                self._append(seqs[slot], tok, now, lp)
+        for slot, first, rows in plan.dec_groups():
+            seq = seqs[slot]
+            if seq.finish_reason is not None:
+                continue
+            # the drafts are kept while they equal the target's own token at their row (speculative.py says why
+            # that is the rejection sampler), then the target's token after the last kept one
+            keep = accepted_prefix(plan.tokens[first + 1: first + rows], [t for t, _ in drawn[first: first + rows - 1]])
+            if rows > 1:
+                seq.spec.record(keep, rows - 1)
+                self.spec.record(keep, rows - 1)
+            for tok, lp in drawn[first: first + keep + 1]:
+                self._append(seq, tok, now, lp)
+                if seq.finish_reason is not None:
+                    break
+        n_dec = len(plan.dec_slots)
         for (slot, start, length), s in zip(plan.segs, plan.seg_sample):
             seq = seqs[slot]
             seq.prefilled = start + length
             if s:
-                tok, lp = drawn[slot]
+                tok, lp = drawn[n_dec]
+                n_dec += 1
                 self._append(seq, tok, now, lp)
         if self.policy == "static":  # the group leaves together, once its slowest row is done
             if all(s.finish_reason is not None for lane in self.lanes for s in lane) and not any(

@@ -232,8 +232,10 @@ class StageWorker:
     """Runs one stage's layers for a step; the last stage also returns the logits of the rows that sample."""
 
     def __init__(self, weights: StageWeights, cache: KVCache, device: torch.device, dtype: torch.dtype,
-                 compile_decode: bool = False, tp: TPGroup | None = None):
+                 compile_decode: bool = False, tp: TPGroup | None = None, max_rows: int | None = None):
+        """``max_rows``: most decode rows a step can have (every slot, and its draft rows when speculating)."""
         self.w, self.cache, self.device, self.dtype = weights, cache, device, dtype
+        self.max_rows = max_rows or cache.n_slots
         self.tp = tp or TPGroup(1, 1, 0, device, dtype, weights.args.vocab_size)
         self.first, self.last = weights.first, weights.last
         self.cuda = device.type == "cuda"
@@ -406,11 +408,12 @@ class StageWorker:
             for pos in (0, 1) if self.cache.max_len > 1 else (0,):
                 run(rows, pos)
         else:
-            # A decode step has at most every slot decoding: every padded row count up to that, with every window.
+            # A decode step has at most every slot decoding (with its draft rows): every padded row count up to that,
+            # with every window.
             # The CUDA-graph trees run a new shape once eagerly (their warm-up), record it on the next call and
             # replay it after: three calls leave every graph recorded. The two windows first make dynamo's one
             # graph with a symbolic window before the row counts vary.
-            for n in row_buckets(self.cache.n_slots):
+            for n in row_buckets(self.max_rows):
                 for w in self.windows:
                     for _ in range(3):
                         run(n, w - 1)

@@ -33,6 +33,7 @@ from framework.parallel.distributed import barrier, init_distributed, pick_devic
 from framework.parallel.materialize import build_in_dtype, build_meta, build_partitioned, builds_partitioned, fill_tp_shards
 from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
+from framework.trainer.distill import build_distiller, with_distill_from
 from framework.trainer.evaluate import evaluate
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
 from framework.trainer.loss import global_divisor, lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
@@ -203,6 +204,7 @@ class Job:
     state: dict | None = None  # the checkpoint's trainer_state
     timings: dict = field(default_factory=dict)
     tokenizer_sha256: str | None = None  # the run's tokenizer, recorded in every checkpoint
+    distiller: object | None = None  # trainer.distill_from: the frozen target and the KL loss (distill.py)
 
     @property
     def layout(self) -> dict:
@@ -410,7 +412,10 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
             divisor = global_divisor(batch.targets, gas) if batch.counts_selectively else None
             for micro in batch.split(t.micro_batch_size):
                 logits = engine(micro.inputs, **micro.kwargs)
-                loss = lm_loss(logits, micro.targets, divisor)
+                if job.distiller is not None:  # trainer.distill_from: KL to the frozen target's logits instead
+                    loss = job.distiller.loss(logits, micro.inputs, micro.targets, divisor, **micro.kwargs)
+                else:
+                    loss = lm_loss(logits, micro.targets, divisor)
                 if data.fine_tuning:
                     counted = micro.targets != -100
                     right += ((logits.detach().argmax(-1) == micro.targets) & counted).sum()
@@ -534,13 +539,14 @@ def train(cfg) -> dict:
     6. ``loop``: steps, logs, evaluations, checkpoints;
     7. ``finish``: the export and summary.json.
     """
-    job = start(with_init_from(as_train_config(cfg)))
+    job = start(with_distill_from(with_init_from(as_train_config(cfg))))
     job.log(f"[miaotui] run_dir={job.cfg.run_dir} layout {job.topo} zero={job.cfg.parallel.zero_stage} "
             f"precision={job.cfg.parallel.precision} device={job.device.type}")
     check_resume(job)
     torch.manual_seed(job.cfg.seed)
     data, args = prepare(job)
     engine = build_engine(job, args)
+    job.distiller = build_distiller(job.cfg, job.device, PRECISION_DTYPES[job.cfg.parallel.precision], args.vocab_size)
     loader = ShardedLoader(data.train, job.cfg.trainer.global_batch_size, job.topo.dp, job.topo.dp_rank, job.cfg.seed)
     start_step, tokens_seen = restore(job, engine, loader)
     step, last = loop(job, engine, data, args, loader, start_step, tokens_seen)

@@ -139,8 +139,15 @@ def _evaluate(model: str, model_args: dict) -> dict:
 
     from framework.evaluation.tasks import task_manager
 
-    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS, limit=LIMIT, log_samples=True,
-                           task_manager=task_manager(None), batch_size=4)
+    # a process group set up earlier in this pytest process (world 1) leaves RANK/WORLD_SIZE/MASTER_* behind, and
+    # lm-eval's hf model (accelerate) would take them for a launch: it runs here as a plain single process
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        return simple_evaluate(model=model, model_args=model_args, tasks=TASKS, limit=LIMIT, log_samples=True,
+                               task_manager=task_manager(None), batch_size=4)
+    finally:
+        os.environ.update(saved)
 
 
 def _assert_same(a: dict, b: dict, what: str) -> None:

@@ -240,7 +240,8 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
             parts.append(logprobs_part(spec, ev, offset))
             choices.append((text, ev.finish_reason, merge_logprobs(parts)))
         completion = sum(results[i].n_tokens for i in range(len(handle.jobs)))
-        return P.response(rid, chat, model.name, created, choices, P.usage(prompt_tokens, completion))
+        drafts = [results[i].drafts for i in range(len(handle.jobs)) if results[i].drafts]
+        return P.response(rid, chat, model.name, created, choices, P.usage(prompt_tokens, completion, drafts))
 
     async def collect(handle: Handle) -> dict[int, Event]:
         results = {}
@@ -271,7 +272,7 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
     async def stream(handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int,
                      echoes: list | None = None):
         chat, name = spec.chat, model.name
-        left, completion = len(handle.jobs), 0
+        left, completion, drafts = len(handle.jobs), 0, []
         offsets: dict[int, int] = {}  # choice -> characters streamed so far (completions' text_offset)
         try:
             if chat:
@@ -290,6 +291,8 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                     if ev.finish_reason is not None:
                         left -= 1
                         completion += ev.n_tokens
+                        if ev.drafts:
+                            drafts.append(ev.drafts)
                     if echoes and ev.choice not in offsets:  # the prompt comes back first, in a chunk of its own
                         head, offsets[ev.choice] = echo_part(echoes[ev.choice], ev, spec)
                         parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice,
@@ -302,7 +305,7 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                 if parts:
                     yield "".join(parts)
             if spec.include_usage:
-                yield _sse(P.usage_chunk(rid, chat, name, created, P.usage(prompt_tokens, completion)))
+                yield _sse(P.usage_chunk(rid, chat, name, created, P.usage(prompt_tokens, completion, drafts)))
             yield "data: [DONE]\n\n"
         finally:
             bridge.cancel(handle)  # a no-op for the choices that finished

@@ -38,6 +38,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)  # the tokens behind ``text`` (all of them at a finish)
     logprobs: list | None = None  # their (logprob, top) entries, when the request asked for logprobs
     prompt_logprobs: list | None = None  # the prompt's entries (prompt_logprobs), on a choice's first event
+    drafts: tuple[int, int] | None = None  # at a finish when the engine speculated: (kept, verified) draft tokens
 
 
 @dataclass
@@ -118,6 +119,8 @@ class EngineBridge:
         self.flush()
         s = self.sched
         self.metrics.observe_engine(s.running, len(s.waiting), s.free_slots)
+        if s.proposer is not None:
+            self.metrics.observe_spec(s.spec, s.spec_skipped_steps)
         took, first = False, True
         while True:
             try:
@@ -201,7 +204,8 @@ class EngineBridge:
             start = job.sent_tokens if job.detok is not None else 0  # streamed: what no delta carried yet
             job.out.put_nowait(Event(job.choice, text, seq.finish_reason, n, token_ids=seq.generated[start:],
                                      logprobs=seq.logprobs[start:] if wants else None,
-                                     prompt_logprobs=self._take_prompt_lp(job, seq)))
+                                     prompt_logprobs=self._take_prompt_lp(job, seq),
+                                     drafts=(seq.spec.accepted, seq.spec.proposed) if seq.spec.proposed else None))
 
     def _delta(self, job: Job, text: str) -> Event:
         """A streamed text delta with the tokens (and their entries) it completes."""

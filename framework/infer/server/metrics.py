@@ -5,6 +5,9 @@ HTTP: ``miaotui_http_requests_total{path,status}`` (every answer, by its status 
 ``miaotui_prompt_tokens_total``, ``miaotui_generation_tokens_total``, histograms of the time to the first token,
 the time per output token after the first and the end-to-end latency (from the request's arrival to its last
 token), and gauges of the running and waiting requests and of the KV cache (slots in use, their share).
+Speculative decoding (when on): ``miaotui_spec_draft_tokens_total``, ``miaotui_spec_accepted_tokens_total``,
+``miaotui_spec_verify_steps_total``, ``miaotui_spec_skipped_steps_total`` (steps whose batch was too large to
+speculate) and the gauges ``miaotui_spec_acceptance_rate`` and ``miaotui_spec_mean_accepted_length``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class ServerMetrics:
         info = Gauge("miaotui_model_info", "The served model", ["model"], registry=r)
         info.labels(model=model).set(1)
         self.slots = slots
+        self.spec_drafts = Counter("miaotui_spec_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted = Counter("miaotui_spec_accepted_tokens", "Draft tokens kept", registry=r)
+        self.spec_steps = Counter("miaotui_spec_verify_steps", "Decode rows that carried drafts", registry=r)
+        self.spec_skipped = Counter("miaotui_spec_skipped_steps", "Steps too large to speculate", registry=r)
+        self.spec_rate = Gauge("miaotui_spec_acceptance_rate", "Draft tokens kept over drafts verified", registry=r)
+        self.spec_length = Gauge("miaotui_spec_mean_accepted_length", "Tokens a verification emits on average",
+                                 registry=r)
+        self._spec_seen = (0, 0, 0, 0)
 
     def observe_engine(self, running: int, waiting: int, free_slots: int) -> None:
         used = self.slots - free_slots
@@ -46,6 +57,18 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.slots_used.set(used)
         self.kv_usage.set(used / self.slots if self.slots else 0.0)
+
+    def observe_spec(self, stats, skipped_steps: int) -> None:
+        """The scheduler's speculative counters (speculative.SpecStats), as totals since the start."""
+        now = (stats.proposed, stats.accepted, stats.steps, skipped_steps)
+        for counter, new, old in zip((self.spec_drafts, self.spec_accepted, self.spec_steps, self.spec_skipped), now,
+                                     self._spec_seen):
+            if new > old:
+                counter.inc(new - old)
+        self._spec_seen = now
+        if stats.proposed:
+            self.spec_rate.set(stats.acceptance_rate)
+            self.spec_length.set(stats.mean_accepted_length)
 
     def observe_finish(self, reason: str, n_tokens: int, arrival: float, t_first, t_last, t_done) -> None:
         self.finished.labels(finish_reason=reason).inc()

@@ -450,9 +450,16 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, drafts: list | None = None) -> dict:
+    """OpenAI's usage; with speculative decoding, the draft tokens kept and rejected for the request's choices
+    (``drafts``: (kept, verified) of each choice that speculated) as OpenAI's prediction-token details."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if drafts:
+        kept, verified = sum(d[0] for d in drafts), sum(d[1] for d in drafts)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": kept,
+                                            "rejected_prediction_tokens": verified - kept}
+    return out
 
 
 def _token_texts(tokenizer, ids: list[int]) -> list[str]:

@@ -1,0 +1,257 @@
+"""Speculative decoding: proposers of draft tokens, and the per-request choice of how many to verify.
+
+A speculating decode row brings its draft tokens into the step as extra decode rows of its own slot, at the
+positions after its input token (``Scheduler.schedule``): every stage runs them like any other rows, writing their
+keys and values, and each row attends to its slot's cache up to its own position, so a draft row sees the drafts
+before it. The last stage samples every row as usual (greedy, or the Gumbel-max draw from the hashed noise of the
+row's (seed, position)), and ``Scheduler.complete`` keeps the drafts while they equal what the target drew at their
+row, then the target's token at the first row that differs (or the bonus token after the last draft).
+
+Why that is exact: every token a verification emits is the target's own draw at its row (greedy: its argmax;
+sampled: the Gumbel-max draw with the hashed noise of the request's (seed, position), as without speculation), and
+a row's draw counts only while every draft before it was kept, i.e. while the row's prefix is the real text. So a
+request gets exactly the tokens it gets without speculation, whatever shares its batch, and the distribution is
+the target's. For a proposal that does not depend on the target's noise (prompt lookup) this is the rejection
+sampler with a point-mass q on the proposed x: the draw equals x with probability min(1, p(x) / q(x)) = p(x), and
+otherwise it is a draw from the normalised residual max(0, p - q), which is p without x
+(tests/unit/test_speculative.py: chi-square against p with deliberately bad drafts, and the acceptance rate
+against the textbook sampler's). Rejected positions of the static KV cache are simply written again by the next
+step, which only ever attends up to its own positions.
+
+The draft model draws its proposal with the very noise the target will use at that position, after the request's
+temperature, top-k and top-p (a coupled draw): where the draft's distribution is close to the target's the two
+draws coincide (always, for an identical model), so sampled requests keep most of the acceptance a greedy one gets,
+which a draft's argmax would lose at high temperature.
+
+Adaptive k: each request keeps a running estimate of how many drafts it gets accepted per rejection and asks for
+one more than that (``Acceptance``); a step whose lane decodes ``infer.speculative_max_batch`` rows or more adds no
+drafts at all, since verification rows stop being free once a step is bound by compute rather than by reading
+the weights. Requests with a repetition penalty do not speculate (a draft row's penalty would need the drafts
+before it among the tokens it has seen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from framework.cli import UserError
+
+
+@dataclass
+class Acceptance:
+    """A request's running acceptance: decayed sums of accepted drafts and of rejections (a verification that
+    rejected a draft). Under a constant per-token acceptance alpha, accepted / rejections estimates
+    alpha / (1 - alpha), the mean run of accepted drafts before a rejection."""
+
+    accepted: float = 3.0  # optimistic start: the first verification asks for the most drafts
+    rejected: float = 1.0
+    decay: float = 0.7
+    idle: int = 0  # steps since the last verification while the estimate says drafts are hopeless
+
+    MIN_RUN = 0.1  # below ~9% acceptance a draft row costs more than it returns:
+    PROBE_EVERY = 8  # speculate only every 8th step, so that a request whose text turns repetitive is noticed
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1.0 if accepted < proposed else 0.0)
+
+    def next_k(self, k_max: int) -> int:
+        """One more draft than the expected accepted run, within 1..k_max; 0 (no drafts this step) while
+        acceptance is hopeless, but for a one-draft probe every PROBE_EVERY steps."""
+        run = self.accepted / max(self.rejected, 1e-6)
+        if run < self.MIN_RUN:
+            self.idle += 1
+            if self.idle % self.PROBE_EVERY:
+                return 0
+        return max(1, min(k_max, int(run) + 1))
+
+
+@dataclass
+class SpecStats:
+    """Counters of one request or of the whole engine."""
+
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0  # of them kept
+    steps: int = 0  # verifications (decode rows that carried drafts)
+    adapt: Acceptance = field(default_factory=Acceptance)
+
+    def record(self, accepted: int, proposed: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        self.steps += 1
+        self.adapt.update(accepted, proposed)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a verification emits on average: the accepted drafts and the target's own token."""
+        return (self.accepted + self.steps) / self.steps if self.steps else None
+
+
+def accepted_prefix(drafts: list[int], drawn: list[int]) -> int:
+    """How many drafts are kept: the longest prefix where each draft equals the token the target drew at the row
+    before it (``drawn[j]`` is the target's token for the position of ``drafts[j]``)."""
+    n = 0
+    for d, t in zip(drafts, drawn):
+        if d != t:
+            break
+        n += 1
+    return n
+
+
+class NgramProposer:
+    """Prompt lookup: the sequence's last n tokens (n from ngram_max down to ngram_min) are looked up among its
+    earlier tokens (prompt and output); the k tokens that followed their latest earlier occurrence are the draft
+    (transformers' ``prompt_lookup_num_tokens`` and vLLM's ngram proposer do the same lookup).
+    Each sequence keeps an index of its n-grams, extended with the tokens added since its last lookup."""
+
+    def __init__(self, ngram_min: int, ngram_max: int):
+        if not 1 <= ngram_min <= ngram_max:
+            raise UserError(f"infer.ngram_min={ngram_min}, infer.ngram_max={ngram_max}: use 1 <= ngram_min <= ngram_max")
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+
+    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        return [self._lookup(s, k) for s, k in zip(seqs, ks)]
+
+    def _lookup(self, seq, k: int) -> list[int]:
+        ctx = seq.request.prompt_ids + seq.generated
+        state = seq.spec_state
+        if state is None:
+            state = seq.spec_state = {"index": {}, "upto": 0}
+        index = state["index"]
+        # n-grams that end before the last token (each has a continuation); the latest occurrence wins
+        for end in range(max(state["upto"], 1), len(ctx)):
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                index[tuple(ctx[end - n: end])] = end - n
+        state["upto"] = max(len(ctx), 1)
+        L = len(ctx)
+        for n in range(min(self.ngram_max, L), self.ngram_min - 1, -1):
+            start = index.get(tuple(ctx[L - n:]))
+            if start is not None:
+                # the text after the match, read on into the draft itself where the match is so close to the end
+                # that fewer than k tokens follow it: a periodic run (a repeated line, spaces) continues its period
+                out: list[int] = []
+                for i in range(start + n, start + n + k):
+                    out.append(ctx[i] if i < L else out[i - L])
+                return out
+        return []
+
+
+class DraftProposer:
+    """A small model with the target's tokenizer, run on rank 0 with a KV cache of its own (one slot per target
+    slot): a step feeds each sequence's tokens the draft cache does not hold yet and draws the first draft (argmax,
+    or the coupled draw of a sampled request: ``_draw``), then k - 1 one-row decode steps continue the draft. Each
+    sequence remembers which tokens the draft cache holds; a draft the target rejected is written over on the next
+    catch-up."""
+
+    def __init__(self, worker):
+        self.worker = worker  # a StageWorker holding the whole draft model
+
+    @torch.inference_mode()
+    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        from framework.infer.scheduler import StepPlan
+
+        plan = StepPlan()
+        ctxs = []
+        for s in seqs:
+            ctx = s.request.prompt_ids + s.generated
+            held = s.spec_state or []
+            common = 0
+            for a, b in zip(held, ctx[:-1]):  # at least the last token is fed: its logits give the first draft
+                if a != b:
+                    break
+                common += 1
+            plan.segs.append((s.slot, common, len(ctx) - common))
+            plan.seg_sample.append(1)
+            plan.seg_next.append(-2)
+            plan.tokens.extend(ctx[common:])
+            ctxs.append(ctx)
+        positions = [len(ctx) for ctx in ctxs]  # of the token each row draws
+        drafts = [[t] for t in self._draw(self.worker.step(plan, None), seqs, positions)]
+        for s, ctx in zip(seqs, ctxs):
+            s.spec_state = list(ctx)
+        live = [i for i, k in enumerate(ks) if k > 1]
+        while live:
+            step = StepPlan(dec_slots=[seqs[i].slot for i in live],
+                            dec_pos=[len(seqs[i].spec_state) for i in live], tokens=[drafts[i][-1] for i in live])
+            nxt = self._draw(self.worker.step(step, None), [seqs[i] for i in live],
+                             [len(seqs[i].spec_state) + 1 for i in live])
+            for i, t in zip(live, nxt):
+                seqs[i].spec_state.append(drafts[i][-1])
+                drafts[i].append(t)
+            live = [i for i in live if len(drafts[i]) < ks[i]]
+        return drafts
+
+    def _draw(self, logits: torch.Tensor, seqs: list, positions: list[int]) -> list[int]:
+        """The draft's token for each row: its argmax for a greedy request, else its draw with the request's
+        parameters and the target's noise for that position (sampler.sample)."""
+        from framework.infer.sampler import sample
+
+        params = [s.request.params for s in seqs]
+        if all(p.temperature <= 0 for p in params):
+            return logits.argmax(-1).tolist()
+        dev = logits.device
+        return sample(logits.float(), torch.tensor([p.temperature for p in params], device=dev),
+                      torch.tensor([p.top_k for p in params], device=dev), torch.tensor([p.top_p for p in params], device=dev),
+                      torch.tensor([p.seed for p in params], device=dev), torch.tensor(positions, device=dev)).tolist()
+
+
+def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len: int, device: torch.device,
+                        dtype: torch.dtype) -> DraftProposer:
+    """The draft model, whole, on this rank (rank 0, beside stage 0), with a KV cache of ``n_slots`` slots."""
+    from framework.data.tokenizer import load_tokenizer
+    from framework.infer.cache import KVCache
+    from framework.infer.loader import load_stage, read_model_args, resolve_model_dir
+    from framework.infer.plan import plan_stages
+    from framework.infer.worker import StageWorker
+
+    model_dir, export_from = resolve_model_dir(draft_dir)
+    if export_from is not None:
+        raise UserError(f"infer.draft_model_dir={draft_dir} has no export: run `python -m framework.export "
+                        f"checkpoint={export_from}` first")
+    tok = load_tokenizer(model_dir)
+    if tok.get_vocab() != target_tokenizer.get_vocab():
+        raise UserError(f"infer.draft_model_dir={draft_dir}: its tokenizer is not the target's; a draft must use the "
+                        f"target's tokenizer (train it with trainer.distill_from=<target>)")
+    args = read_model_args(model_dir)
+    stage = plan_stages(args, 1, None, torch.tensor([], dtype=dtype).element_size())[0]
+    weights = load_stage(model_dir, args, stage, device, dtype)
+    cache = KVCache(stage.layers, n_slots, args.kv_heads, max_len, args.head_dim, dtype, device)
+    return DraftProposer(StageWorker(weights, cache, device, dtype))
+
+
+def build_proposer(inf, tokenizer, n_slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    """The proposer ``infer.speculative`` names (None for none); rank 0 calls this."""
+    if inf.speculative == "ngram":
+        return NgramProposer(inf.ngram_min, inf.ngram_max)
+    if inf.speculative == "draft":
+        return load_draft_proposer(inf.draft_model_dir, tokenizer, n_slots, max_len, device, dtype)
+    return None
+
+
+def check_speculative_keys(inf) -> None:
+    """Refuse a speculative setting that cannot run, in one line, before anything starts."""
+    if inf.speculative not in ("none", "ngram", "draft"):
+        raise UserError(f"infer.speculative={inf.speculative}: use none, ngram or draft")
+    if inf.speculative == "none":
+        return
+    if inf.num_speculative_tokens < 1:
+        raise UserError(f"infer.num_speculative_tokens={inf.num_speculative_tokens}: propose at least 1 (e.g. 4)")
+    if inf.speculative_max_batch < 2:
+        raise UserError(f"infer.speculative_max_batch={inf.speculative_max_batch}: at 1 no step would speculate; use "
+                        f"at least 2 (e.g. 16), or infer.speculative=none")
+    if inf.speculative == "ngram" and not 1 <= inf.ngram_min <= inf.ngram_max:
+        raise UserError(f"infer.ngram_min={inf.ngram_min}, infer.ngram_max={inf.ngram_max}: use 1 <= ngram_min <= "
+                        f"ngram_max")
+    if inf.speculative == "draft" and not inf.draft_model_dir:
+        raise UserError("infer.speculative=draft needs infer.draft_model_dir=<an export of a small model with the "
+                        "target's tokenizer>")
+    if inf.speculative == "draft":
+        from framework.infer.loader import resolve_model_dir
+
+        resolve_model_dir(inf.draft_model_dir)  # a missing directory fails here, in one line

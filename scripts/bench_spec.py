@@ -1,0 +1,273 @@
+"""Speculative decoding benchmark: tokens/s with and without speculation, one table.
+
+Cases (each at batch 1, 4, 16 and 64, ``infer.max_batch`` = the batch, every request ``--max-new`` tokens):
+- ngram/copy: prompt lookup on the synthetic copy task (a model trained on it: the answer repeats the prompt);
+- ngram/code-edit: prompt lookup on code-editing prompts (a stdlib function, then the start of its copy with a
+  name changed: the continuation is mostly the function again), target trained on stdlib;
+- draft/code: the distilled draft (``experiment=distill_stdlib``) on stdlib code prefixes, same target.
+Each case also runs with speculation forced on at every batch (``infer.speculative_max_batch`` past the batch), which
+shows where verification starts costing more than it saves, and the decode-step cost against rows ("rows" part)
+says why: speculation pays while a step of r x (1 + k) rows costs less than the mean accepted length times a step
+of r rows. Beside them, at batch 1 (assisted generation is batch-1 only in transformers), transformers' plain
+``generate()`` against ``prompt_lookup_num_tokens`` and ``assistant_model`` on the same models and prompts.
+
+Every case runs ``--repeats`` rounds, speculation and its plain baseline back to back in each round, so that a slow
+spell of a shared machine falls on both; the table gives medians and the JSON every round.
+
+    python scripts/bench_spec.py --tiny                         # minutes on a CPU: proves the script, not the speed
+    python scripts/bench_spec.py --code-target runs/stdlib_small --draft runs/distill_stdlib --copy-target runs/copy
+    python scripts/bench_spec.py                                # trains the three models first (CPU: ~10 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def run(cmd: list[str]) -> None:
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+
+def train_models(work: str, tiny: bool) -> dict[str, str]:
+    """The copy-task target, the stdlib target and its distilled draft (their export directories)."""
+    py = [sys.executable, "-m", "framework.train", "logger.progress=false", "checkpoint.resume=none"]
+    steps = ["trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.eval_every=0"] if tiny else []
+    corpus = ["data.max_chars=60000"] if tiny else []
+    copy_dir, code_dir, draft_dir = (os.path.join(work, n) for n in ("copy", "code", "draft"))
+    run(py + [f"run_dir={copy_dir}", f"model={'debug' if tiny else 'small'}", "data=synthetic",
+              "data.synthetic.task=copy", "data.synthetic.min_len=24", "data.synthetic.max_len=48",
+              "trainer.seq_len=128", "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.lr=3e-3",
+              "trainer.eval_every=0", *(steps or ["trainer.max_steps=400"])])
+    run(py + [f"run_dir={code_dir}", "experiment=stdlib_small", *(["model=debug"] if tiny else []), *steps, *corpus])
+    run(py + [f"run_dir={draft_dir}", "experiment=distill_stdlib", f"trainer.distill_from={code_dir}/export", *steps,
+              *corpus, *(["model.n_layers=1"] if tiny else [])])
+    return {"copy": f"{copy_dir}/export", "code": f"{code_dir}/export", "draft": f"{draft_dir}/export"}
+
+
+def copy_prompts(n: int, seed: int = 1) -> list[str]:
+    from framework.data.synthetic import make_examples
+
+    return [e.prompt for e in make_examples("copy", n, seed, 24, 48)]
+
+
+def stdlib_functions(n: int, seed: int = 0, max_lines: int = 24) -> list[str]:
+    """Top-level functions of 6..max_lines lines from the standard library, drawn reproducibly."""
+    from framework.data.sources import stdlib_files
+
+    rng = random.Random(seed)
+    files = sorted(stdlib_files())
+    rng.shuffle(files)
+    out = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for m in re.finditer(r"^def \w+\(.*?(?=^\S)", text, re.M | re.S):
+            lines = m.group(0).rstrip().splitlines()
+            if 6 <= len(lines) <= max_lines:
+                out.append("\n".join(lines))
+                break
+        if len(out) == n:
+            break
+    return out
+
+
+def edit_prompts(n: int) -> list[str]:
+    """A function, then the first two lines of the same function with its name changed."""
+    out = []
+    for fn in stdlib_functions(n):
+        name = re.match(r"def (\w+)", fn).group(1)
+        edited = fn.replace(name, name + "_v2")
+        out.append(fn + "\n\n\n" + "\n".join(edited.splitlines()[:2]) + "\n")
+    return out
+
+
+def code_prompts(n: int) -> list[str]:
+    return ["\n".join(fn.splitlines()[:3]) + "\n" for fn in stdlib_functions(n, seed=7)]
+
+
+def engine_rate(model: str, prompts: list[str], batch: int, max_new: int, extra: list[str], work: str) -> dict:
+    """One framework.generate run of ``batch`` requests at max_batch ``batch``: its summary."""
+    src, summary = os.path.join(work, "in.jsonl"), os.path.join(work, "summary.json")
+    with open(src, "w") as f:
+        for i in range(batch):
+            f.write(json.dumps({"prompt": prompts[i % len(prompts)]}) + "\n")
+    run([sys.executable, "-m", "framework.generate", f"model_dir={model}", f"prompts={src}",
+         f"output={os.path.join(work, 'out.jsonl')}", f"infer.max_batch={batch}", f"infer.max_new_tokens={max_new}",
+         "infer.ignore_eos=true", "infer.progress=false", f"infer.summary={summary}", *extra])
+    with open(summary) as f:
+        return json.load(f)
+
+
+def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | None, mode: str) -> float:
+    """transformers generate() at batch 1 over ``prompts``: tokens/s, plain, prompt lookup or assisted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    target = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    kwargs = {}
+    if mode == "ngram":
+        kwargs["prompt_lookup_num_tokens"] = k
+    elif mode == "draft":
+        kwargs["assistant_model"] = AutoModelForCausalLM.from_pretrained(draft, torch_dtype=torch.float32).eval()
+    n, t0 = 0, time.perf_counter()
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = target.generate(**ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                  pad_token_id=tok.pad_token_id or 0, **kwargs)
+        n += out.shape[1] - ids["input_ids"].shape[1]
+    return n / (time.perf_counter() - t0)
+
+
+def step_cost(model: str, rows: list[int], context: int = 256, reps: int = 5) -> dict[int, float]:
+    """Median seconds of one decode step of r rows (each at ``context`` positions) on the engine's stage worker."""
+    import torch
+
+    from framework.infer.cache import KVCache
+    from framework.infer.loader import load_stage, read_model_args
+    from framework.infer.plan import plan_stages
+    from framework.infer.scheduler import StepPlan
+    from framework.infer.worker import StageWorker
+
+    args = read_model_args(model)
+    stage = plan_stages(args, 1, None, 4)[0]
+    weights = load_stage(model, args, stage, torch.device("cpu"), torch.float32)
+    cache = KVCache(stage.layers, max(rows), args.kv_heads, context + 1, args.head_dim, torch.float32,
+                    torch.device("cpu"))
+    worker = StageWorker(weights, cache, torch.device("cpu"), torch.float32)
+    out = {}
+    for r in rows:
+        plan = StepPlan(dec_slots=list(range(r)), dec_pos=[context] * r, tokens=[1] * r)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            worker.step(plan, None)
+            times.append(time.perf_counter() - t0)
+        out[r] = statistics.median(times)
+    return out
+
+
+# (proposer, prompts, target): the target is a key of the models
+CASES = [("ngram", "copy", "copy"), ("ngram", "code-edit", "code"), ("draft", "code", "code")]
+CASES_MODEL = {task: model for _, task, model in CASES}
+
+
+def bench_case(proposer: str, task: str, models: dict, prompts: list[str], a, work: str) -> list[dict]:
+    """Every batch of one case, ``a.repeats`` interleaved rounds of (plain, speculative, speculative forced on)."""
+    spec = [f"infer.speculative={proposer}", f"infer.num_speculative_tokens={a.k}"]
+    if proposer == "draft":
+        spec.append(f"infer.draft_model_dir={models['draft']}")
+    model = models[CASES_MODEL[task]]
+    rows = []
+    for batch in a.batches:
+        rounds = []
+        for _ in range(a.repeats):
+            plain = engine_rate(model, prompts, batch, a.max_new, [], work)
+            on = engine_rate(model, prompts, batch, a.max_new, spec, work)
+            forced = engine_rate(model, prompts, batch, a.max_new, spec + ["infer.speculative_max_batch=100000"], work)
+            rounds.append({"plain": plain["tokens_per_s"], "spec": on["tokens_per_s"], "forced": forced["tokens_per_s"],
+                           "acceptance": forced["acceptance_rate"], "mean_len": forced["mean_accepted_length"]})
+        med = {k: statistics.median(r[k] for r in rounds if r[k] is not None) if any(r[k] is not None for r in rounds)
+               else None for k in rounds[0]}
+        rows.append({"proposer": proposer, "task": task, "batch": batch, **med, "rounds": rounds})
+    return rows
+
+
+
+def hf_columns(rows: list[dict], models: dict, prompts_of: dict, a) -> None:
+    """transformers at batch 1 beside each case's batch-1 row."""
+    for r in rows:
+        if r["batch"] != 1:
+            continue
+        model, prompts = models[CASES_MODEL[r["task"]]], prompts_of[r["task"]][: a.hf_prompts]
+        plain, assisted = [], []
+        for _ in range(a.repeats):
+            plain.append(hf_rate(model, prompts, a.max_new, a.k, None, "plain"))
+            assisted.append(hf_rate(model, prompts, a.max_new, a.k, models["draft"], r["proposer"]))
+        r["hf_plain"], r["hf_spec"] = statistics.median(plain), statistics.median(assisted)
+
+
+def fmt(x, spec="{:.1f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def print_table(rows: list[dict], cost: dict[int, float], k: int) -> None:
+    print("| proposer | task | batch | plain tok/s | spec tok/s | speedup | forced on tok/s | forced speedup | "
+          "acceptance | mean accepted len | HF plain tok/s | HF assisted tok/s | HF speedup |")
+    print("|" + "---|" * 13)
+    for r in rows:
+        hf = r.get("hf_plain"), r.get("hf_spec")
+        print(f"| {r['proposer']} | {r['task']} | {r['batch']} | {fmt(r['plain'])} | {fmt(r['spec'])} | "
+              f"{fmt(r['spec'] / r['plain'], '{:.2f}x')} | {fmt(r['forced'])} | {fmt(r['forced'] / r['plain'], '{:.2f}x')} | "
+              f"{fmt(r['acceptance'], '{:.2f}')} | {fmt(r['mean_len'], '{:.2f}')} | {fmt(hf[0])} | {fmt(hf[1])} | "
+              f"{fmt(hf[1] / hf[0] if hf[0] and hf[1] else None, '{:.2f}x')} |")
+    print(f"\ndecode step cost against rows (code target, CPU eager): verifying k={k} drafts a row multiplies a step's "
+          "rows by (1 + k); it pays while that ratio stays below the mean accepted length")
+    print("| rows r | step ms | ms a row | step(r x (1+k)) / step(r) |")
+    print("|---|---|---|---|")
+    for r, t in cost.items():
+        big = cost.get(r * (1 + k))
+        print(f"| {r} | {t * 1e3:.2f} | {t * 1e3 / r:.3f} | {fmt(big / t if big else None, '{:.2f}')} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copy-target", help="export (or run dir) of a model trained on the synthetic copy task")
+    ap.add_argument("--code-target", help="export (or run dir) of a model trained on stdlib (experiment=stdlib_small)")
+    ap.add_argument("--draft", help="the distilled draft of --code-target (experiment=distill_stdlib)")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-prompts", type=int, default=8, help="prompts of the transformers batch-1 baselines")
+    ap.add_argument("--tiny", action="store_true", help="tiny models, batches 1 and 4, 16 tokens, one round")
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_spec.json"))
+    a = ap.parse_args()
+    if a.tiny:
+        a.batches, a.max_new, a.repeats, a.hf_prompts = "1,4", 16, 1, 2
+    a.batches = [int(b) for b in a.batches.split(",")]
+    work = tempfile.mkdtemp(prefix="bench_spec-")
+    if a.copy_target and a.code_target and a.draft:
+        from framework.infer.loader import resolve_model_dir
+
+        models = {"copy": resolve_model_dir(a.copy_target)[0], "code": resolve_model_dir(a.code_target)[0],
+                  "draft": resolve_model_dir(a.draft)[0]}
+    else:
+        print("[bench_spec] training the copy-task target, the stdlib target and its distilled draft", file=sys.stderr)
+        models = train_models(work, a.tiny)
+    n = max(a.batches)
+    prompts_of = {"copy": copy_prompts(n), "code-edit": edit_prompts(min(n, 64)), "code": code_prompts(min(n, 64))}
+    rows = []
+    for proposer, task, _ in CASES:
+        rows += bench_case(proposer, task, models, prompts_of[task], a, work)
+    hf_columns(rows, models, prompts_of, a)
+    rows_list = sorted({r for b in a.batches for r in (b, b * (1 + a.k))})
+    cost = step_cost(models["code"], rows_list)
+    print_table(rows, cost, a.k)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"models": models, "k": a.k, "max_new": a.max_new, "rows": rows,
+                   "step_cost_s": {str(r): t for r, t in cost.items()}}, f, indent=1)
+    print(f"\n[bench_spec] rounds and medians: {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
