@@ -20,8 +20,13 @@ TINY_TRAIN = [
 ]
 
 
+# What an in-process process group (world 1) leaves in os.environ: a child process must not take it for a launch.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
+
+
 def env(threads: int = 1) -> dict:
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     e.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
              HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=REPO)
     return e

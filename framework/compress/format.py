@@ -142,7 +142,7 @@ def write_shards(tmp: str, tensors: dict[str, torch.Tensor], shards: list[list[s
 def finalize(src_dir: str, tmp: str, out_dir: str, wmap: dict[str, str], total_bytes: int, hf_config: dict) -> None:
     """The index, config.json, the source's tokenizer files and generation_config.json, the manifest; then the
     directory takes its name (it appears whole)."""
-    from framework.checkpoint.manifest import publish_dir, write_manifest
+    from framework.checkpoint.manifest import write_manifest
 
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total_bytes}, "weight_map": wmap}, f, indent=1)
@@ -152,7 +152,9 @@ def finalize(src_dir: str, tmp: str, out_dir: str, wmap: dict[str, str], total_b
         if os.path.isfile(os.path.join(src_dir, name)):
             shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
     write_manifest(tmp, {"compression_config": hf_config.get("compression_config")})
-    publish_dir(tmp, out_dir)  # the old output stays whole until the new one is durable and swapped in
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
 
 
 def write_compressed(src_dir: str, out_dir: str, tensors: dict[str, torch.Tensor], hf_config: dict,
