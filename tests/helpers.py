@@ -19,6 +19,21 @@ TINY_TRAIN = [
     "checkpoint.export=false", "checkpoint.save_final=false", "checkpoint.resume=none",
 ]
 
+# A 10-step tiny run that saves every 4 steps and exports: the resume and durability tests' base.
+RESUME_STEPS = 10
+RESUME_BASE = [a for a in TINY_TRAIN if not a.startswith(("checkpoint.", "trainer.max_steps"))] + [
+    f"trainer.max_steps={RESUME_STEPS}", "checkpoint.every=4", "checkpoint.keep=3", "checkpoint.export=true"]
+
+
+def export_weights(run_dir) -> dict:
+    """Every tensor of a run's export (run_dir a pathlib.Path)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run_dir / "export").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
 
 # What an in-process process group (world 1) leaves in os.environ: a child process must not take it for a launch.
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",

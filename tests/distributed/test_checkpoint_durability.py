@@ -9,22 +9,11 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import TINY_TRAIN, assert_ok, losses, run_module
+from tests.helpers import RESUME_BASE, RESUME_STEPS, assert_ok, export_weights, losses, run_module
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 10
-BASE = [a for a in TINY_TRAIN if not a.startswith(("checkpoint.", "trainer.max_steps"))] + [
-    f"trainer.max_steps={STEPS}", "checkpoint.every=4", "checkpoint.keep=3", "checkpoint.export=true"]
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((run_dir / "export").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+STEPS, BASE, weights = RESUME_STEPS, RESUME_BASE, export_weights
 
 
 def steps_on_disk(run_dir) -> list[str]:

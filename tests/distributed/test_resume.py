@@ -10,22 +10,22 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import TINY_TRAIN, TORCHRUN, assert_ok, env, error_lines, losses, run_module
+from tests.helpers import (
+    RESUME_BASE,
+    RESUME_STEPS,
+    TINY_TRAIN,
+    TORCHRUN,
+    assert_ok,
+    env,
+    error_lines,
+    export_weights,
+    losses,
+    run_module,
+)
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 10
-BASE = [a for a in TINY_TRAIN if not a.startswith(("checkpoint.", "trainer.max_steps"))] + [
-    f"trainer.max_steps={STEPS}", "checkpoint.every=4", "checkpoint.keep=3", "checkpoint.export=true"]
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((run_dir / "export").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+STEPS, BASE, weights = RESUME_STEPS, RESUME_BASE, export_weights
 
 
 def train_with_fault(run_dir, fault: str) -> subprocess.CompletedProcess:
