@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
 
         run_tasks(obj)
         return
-    from framework.compress.evaluate import evaluate
+    from framework.evaluation.perplexity import evaluate
 
     evaluate(obj)
 

@@ -138,8 +138,8 @@ def dir_mb(path: str) -> float:
 
 # -- quality ---------------------------------------------------------------------------------------------------
 def held_out(export: str, work: str):
-    from framework.compress.evaluate import held_out_blocks
     from framework.config import DataConfig
+    from framework.evaluation.perplexity import held_out_blocks
 
     # experiment=stdlib_small's data keys, seq_len and seed: training's own validation blocks
     data = DataConfig(source="stdlib", vocab_size=1024, max_chars=1_000_000)
@@ -149,7 +149,7 @@ def held_out(export: str, work: str):
 def perplexities(dirs: dict[str, str], blocks) -> dict[str, float]:
     import math
 
-    from framework.compress.evaluate import load_for_eval, score_blocks
+    from framework.evaluation.perplexity import load_for_eval, score_blocks
 
     out = {}
     for row, path in dirs.items():

@@ -107,7 +107,7 @@ def build_config(base, args, variant: str, rows: int, compiled: bool) -> dict:
 
 def time_steps(cfg: dict, steps: int) -> float:
     """Seconds a decode step, over ``steps`` steps at positions CONTEXT.. (after one untimed step)."""
-    from framework.infer.scheduler import StepPlan
+    from framework.infer.step import StepPlan
 
     rows, worker = cfg["rows"], cfg["worker"]
 

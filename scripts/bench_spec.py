@@ -15,8 +15,8 @@ Every case runs ``--repeats`` rounds, speculation and its plain baseline back to
 spell of a shared machine falls on both; the table gives medians and the JSON every round.
 
     python scripts/bench_spec.py --tiny                         # minutes on a CPU: proves the script, not the speed
-    python scripts/bench_spec.py --code-target runs/stdlib_small --draft runs/distill_stdlib --copy-target runs/copy
-    python scripts/bench_spec.py                                # trains the three models first (CPU: ~10 minutes)
+    python scripts/bench_spec.py --code-target runs/stdlib_30m --draft runs/distill_stdlib --copy-target runs/copy
+    python scripts/bench_spec.py                                # trains the three models first (CPU: ~25 minutes)
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def train_models(work: str, tiny: bool) -> dict[str, str]:
               "data.synthetic.task=copy", "data.synthetic.min_len=24", "data.synthetic.max_len=48",
               "trainer.seq_len=128", "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.lr=3e-3",
               "trainer.eval_every=0", *(steps or ["trainer.max_steps=400"])])
-    run(py + [f"run_dir={code_dir}", "experiment=stdlib_small", *(["model=debug"] if tiny else []), *steps, *corpus])
+    run(py + [f"run_dir={code_dir}", f"experiment={'stdlib_small' if tiny else 'stdlib_30m'}", *(["model=debug"] if tiny else []),
+              *steps, *corpus])
     run(py + [f"run_dir={draft_dir}", "experiment=distill_stdlib", f"trainer.distill_from={code_dir}/export", *steps,
               *corpus, *(["model.n_layers=1"] if tiny else [])])
     return {"copy": f"{copy_dir}/export", "code": f"{code_dir}/export", "draft": f"{draft_dir}/export"}
@@ -144,7 +145,7 @@ def step_cost(model: str, rows: list[int], context: int = 256, reps: int = 5) ->
     from framework.infer.cache import KVCache
     from framework.infer.loader import load_stage, read_model_args
     from framework.infer.plan import plan_stages
-    from framework.infer.scheduler import StepPlan
+    from framework.infer.step import StepPlan
     from framework.infer.worker import StageWorker
 
     args = read_model_args(model)
@@ -231,7 +232,7 @@ def print_table(rows: list[dict], cost: dict[int, float], k: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copy-target", help="export (or run dir) of a model trained on the synthetic copy task")
-    ap.add_argument("--code-target", help="export (or run dir) of a model trained on stdlib (experiment=stdlib_small)")
+    ap.add_argument("--code-target", help="export (or run dir) of a model trained on stdlib (experiment=stdlib_30m)")
     ap.add_argument("--draft", help="the distilled draft of --code-target (experiment=distill_stdlib)")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--max-new", type=int, default=128)
@@ -246,7 +247,7 @@ def main() -> None:
     a.batches = [int(b) for b in a.batches.split(",")]
     work = tempfile.mkdtemp(prefix="bench_spec-")
     if a.copy_target and a.code_target and a.draft:
-        from framework.infer.loader import resolve_model_dir
+        from framework.checkpoint.resolve import resolve_model_dir
 
         models = {"copy": resolve_model_dir(a.copy_target)[0], "code": resolve_model_dir(a.code_target)[0],
                   "draft": resolve_model_dir(a.draft)[0]}

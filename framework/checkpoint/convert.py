@@ -5,7 +5,8 @@
 
 A checkpoint with per-parameter state (``universal/``, the default) is exported by any number of processes and
 without DeepSpeed: each rank reads the tensors of the shard files it owns, memory-mapped. One saved with
-``checkpoint.universal=false`` is exported by rebuilding the engine at the layout it was saved with.
+``checkpoint.universal=false`` is exported by rebuilding the engine at the layout it was saved with. A run directory
+stands for its newest checkpoint that verifies (framework/checkpoint/resolve.py).
 """
 
 from __future__ import annotations
@@ -16,36 +17,19 @@ from collections.abc import Callable
 from omegaconf import OmegaConf
 
 from framework.checkpoint.manager import read_state
+from framework.checkpoint.resolve import find_checkpoint, has_universal
 from framework.cli import UserError
 from framework.config import ExportConfig
 
 
-def find_checkpoint(path: str | None) -> tuple[str, str]:
-    """(run_dir, step_dir) from a run directory or a step directory."""
-    if not path:
-        raise UserError("checkpoint= is required: a run directory or a checkpoints/step-N directory")
-    path = os.path.normpath(path)
-    latest = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return path, os.path.join(path, "checkpoints", f.read().strip())
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return os.path.dirname(os.path.dirname(path)), path
-    raise UserError(f"{path} is neither a run directory with checkpoints/latest nor a checkpoint step directory")
-
-
-def has_universal(step_dir: str) -> bool:
-    from framework.checkpoint.universal import INDEX, UNIVERSAL
-
-    return os.path.isfile(os.path.join(step_dir, UNIVERSAL, INDEX))
-
-
 def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
     """Export from the per-parameter state; every launched rank calls this (no collectives but barriers)."""
-    from framework.checkpoint.export import PRECISION_DTYPES, write_export
+    from framework.checkpoint.export import write_export
     from framework.checkpoint.manifest import verify_on_all_ranks
     from framework.checkpoint.universal import UniversalReader
     from framework.models.llama import ModelArgs
+    from framework.weights.dtypes import torch_dtype
+
     verify_on_all_ranks(step_dir)
     state = read_state(step_dir)
     if "model_args" not in state:
@@ -54,7 +38,7 @@ def export_step_dir(step_dir: str, out: str, max_shard_mb: int = 2000) -> str:
     reader = UniversalReader(step_dir)
     run_dir = os.path.dirname(os.path.dirname(os.path.normpath(step_dir)))
     return write_export(reader.get, args, out, os.path.join(run_dir, "tokenizer"), max_shard_mb,
-                        PRECISION_DTYPES[state.get("precision", "fp32")], {"step": state["step"]})
+                        torch_dtype(state.get("precision", "fp32"), "parallel.precision"), {"step": state["step"]})
 
 
 def export_checkpoint(cfg, with_engine: Callable | None = None) -> str:

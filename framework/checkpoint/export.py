@@ -16,16 +16,16 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from framework.checkpoint.manifest import fsync_path, publish_dir, write_manifest
 from framework.models.hf import to_hf_config
 from framework.models.llama import Llama, ModelArgs
 from framework.parallel.distributed import barrier
-from framework.parallel.parallelize import tp_partition_dim
+from framework.weights import shards as sh
+from framework.weights.dtypes import hf_name
+from framework.weights.layout import gather_tp
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["export_from_module", "export_names_and_shapes", "write_export"]
 
 
 def export_names_and_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
@@ -40,22 +40,6 @@ def export_names_and_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]
     return out
 
 
-def plan_shards(names_shapes, bytes_per_el: int, max_shard_bytes: int) -> list[list[str]]:
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in names_shapes:
-        n = bytes_per_el
-        for s in shape:
-            n *= s
-        if cur and cur_bytes + n > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(name)
-        cur_bytes += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
 def _full_tensor(param: torch.nn.Parameter, name: str, tp_group, tp: int) -> torch.Tensor:
     """Gather one parameter across ZeRO-3 partitions and tensor-parallel shards (collective on all ranks)."""
     if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
@@ -65,12 +49,7 @@ def _full_tensor(param: torch.nn.Parameter, name: str, tp_group, tp: int) -> tor
             local = param.detach().clone()
     else:
         local = param.detach()
-    dim = tp_partition_dim(name)
-    if tp > 1 and dim is not None:
-        parts = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(parts, local.contiguous(), group=tp_group)
-        local = torch.cat(parts, dim=dim)
-    return local.cpu()
+    return gather_tp(local, name, tp, tp_group).cpu()
 
 
 def export_from_module(module: torch.nn.Module, args: ModelArgs, out_dir: str, tokenizer_dir: str | None,
@@ -91,9 +70,10 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     names_shapes = export_names_and_shapes(args)
-    shards = plan_shards(names_shapes, torch.tensor([], dtype=dtype).element_size(), max_shard_mb * 2**20)
-    n = len(shards)
-    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    el = torch.tensor([], dtype=dtype).element_size()
+    sizes = [(name, sh.shape_bytes(shape, el)) for name, shape in names_shapes]
+    shards = sh.plan_shards(sizes, max_shard_mb * 2**20)
+    files = [sh.shard_name(i, len(shards)) for i in range(len(shards))]
     tmp_dir = out_dir.rstrip("/") + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -109,14 +89,12 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
                 tensors[name] = full.to(dtype).contiguous()
             weight_map[name] = files[i]
         if rank == owner:  # the writer fsyncs: on a shared filesystem another node cannot flush its cached writes
-            save_file(tensors, os.path.join(tmp_dir, files[i]), metadata={"format": "pt"})
+            sh.save_shard(os.path.join(tmp_dir, files[i]), tensors)
             fsync_path(os.path.join(tmp_dir, files[i]))
         del tensors
     barrier()
     if rank == 0:
-        total = sum(torch.tensor([], dtype=dtype).element_size() * _numel(s) for _, s in names_shapes)
-        with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        sh.write_index(tmp_dir, weight_map, {"total_size": sum(b for _, b in sizes)})
         eos = pad = None
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
             from transformers import AutoTokenizer
@@ -125,7 +103,7 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
             tok.save_pretrained(tmp_dir)
             eos, pad = tok.eos_token_id, tok.pad_token_id
         with open(os.path.join(tmp_dir, "config.json"), "w") as f:
-            json.dump(to_hf_config(args, DTYPE_NAMES[dtype], eos, pad), f, indent=1)
+            json.dump(to_hf_config(args, hf_name(dtype), eos, pad), f, indent=1)
         with open(os.path.join(tmp_dir, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}, f, indent=1)
         write_manifest(tmp_dir, extra_manifest)
@@ -133,9 +111,3 @@ def write_export(get_full: Callable[[str], torch.Tensor], args: ModelArgs, out_d
     barrier()
     return out_dir
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -24,62 +24,28 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from framework.checkpoint.export import plan_shards
 from framework.cli import UserError
-from framework.models.hf import read_part
-from framework.parallel.parallelize import tp_partition_dim
+from framework.parallel.deepspeed_hooks import has_fp32_master, inner_optimizer, relink_optimizer_state
+from framework.weights.io import read_part
+from framework.weights.layout import even_part, gather_tp, tp_partition_dim
+from framework.weights.shards import plan_shards
 
 UNIVERSAL = "universal"
 INDEX = "model.safetensors.index.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer under DeepSpeed's wrappers (it holds ``state`` keyed by flat partitions or params)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
-def _link_optimizer_state(engine) -> None:
-    """Re-link DeepSpeed's per-parameter views of the flat optimizer state.
-
-    ZeRO 1/2 and the bf16 optimizer link them once, right after the first param group's first step, when the
-    other groups' state does not exist yet; the parameters of those groups (norms, biases) would then have no
-    moments to read or write.
-    """
-    opt = engine.optimizer
-    if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def _is_managed(param) -> bool:
-    """ZeRO 1-3 and DeepSpeed's bf16 optimizer keep a separate fp32 master; a plain fp32 param is its own."""
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
-
-
 def _local_full(engine, param, key: str | None) -> torch.Tensor:
     """This tensor-parallel rank's full (ZeRO-gathered) fp32 weight (key None) or optimizer moment."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _is_managed(param):
+    if has_fp32_master(param):
         out = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
         return out.float()
     if key is None:
         return param.detach().float()
-    state = _inner_optimizer(engine).state.get(param, {})
+    state = inner_optimizer(engine).state.get(param, {})
     return state[key].float() if key in state else torch.zeros_like(param, dtype=torch.float32)
-
-
-def _gather_tp(local: torch.Tensor, name: str, tp: int, tp_group) -> torch.Tensor:
-    dim = tp_partition_dim(name)
-    if tp == 1 or dim is None:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=dim)
 
 
 def _read_tp_part(reader, key: str, name: str, tp: int, tp_rank: int) -> torch.Tensor:
@@ -89,8 +55,7 @@ def _read_tp_part(reader, key: str, name: str, tp: int, tp_rank: int) -> torch.T
     if tp == 1 or dim is None:
         return reader.get(key)
     sl = reader.get_slice(key)
-    n = sl.get_shape()[dim] // tp
-    return read_part(sl, (dim, tp_rank * n, (tp_rank + 1) * n))
+    return read_part(sl, even_part(dim, sl.get_shape()[dim], tp, tp_rank))
 
 
 def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int, max_shard_mb: int = 2000) -> None:
@@ -99,11 +64,11 @@ def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int
     out = os.path.join(step_dir, UNIVERSAL)
     os.makedirs(out, exist_ok=True)
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    _link_optimizer_state(engine)
+    relink_optimizer_state(engine)
     # Plan files by full size (3 fp32 tensors a parameter), identically on every rank.
-    full_numels = [(name, ((p.ds_numel if hasattr(p, "ds_id") else p.numel())
-                           * (tp if tp_partition_dim(name) is not None else 1),)) for name, p in params]
-    files = plan_shards(full_numels, 4 * len((None, *MOMENTS)), max_shard_mb * 2**20)
+    full_bytes = [(name, 4 * len((None, *MOMENTS)) * (p.ds_numel if hasattr(p, "ds_id") else p.numel())
+                   * (tp if tp_partition_dim(name) is not None else 1)) for name, p in params]
+    files = plan_shards(full_bytes, max_shard_mb * 2**20)
     owner_of = {name: i for i, names in enumerate(files) for name in names}
     fnames = [f"state-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     mine: dict[int, dict[str, torch.Tensor]] = {}
@@ -111,7 +76,7 @@ def save_universal(engine, step_dir: str, tp: int, tp_group, optimizer_step: int
     for name, p in params:
         i = owner_of[name]
         for key in (None, *MOMENTS):
-            full = _gather_tp(_local_full(engine, p, key), name, tp, tp_group)
+            full = gather_tp(_local_full(engine, p, key), name, tp, tp_group)
             tname = name if key is None else f"{name}::{key}"
             weight_map[tname] = fnames[i]
             if i % world == rank:
@@ -182,16 +147,16 @@ def load_universal_optimizer(engine, step_dir: str, tp: int, tp_rank: int, optim
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     materialize()
-    _link_optimizer_state(engine)
+    relink_optimizer_state(engine)
     reader = UniversalReader(step_dir)
-    opt = _inner_optimizer(engine)
+    opt = inner_optimizer(engine)
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
             if not p.requires_grad:
                 continue
             weight = _read_tp_part(reader, name, name, tp, tp_rank)
             moments = {k: _read_tp_part(reader, f"{name}::{k}", name, tp, tp_rank) for k in MOMENTS}
-            if _is_managed(p):
+            if has_fp32_master(p):
                 safe_set_full_fp32_param(p, weight.to(p.device))
                 for k, v in moments.items():
                     safe_set_full_optimizer_state(p, v.to(p.device), k)

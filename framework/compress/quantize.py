@@ -36,7 +36,10 @@ import torch
 import torch.nn as nn
 
 from framework.cli import UserError
+from framework.compress.format import FUSED, weight_args
 from framework.kernels import cpu_quant
+from framework.weights.io import WeightFiles, load_hf_weights, packed_prefixes, packed_shape, read_packed
+from framework.weights.layout import tp_slice
 
 # int8 calls of at most this many rows use the CPU decode kernel, more use aten's bf16 one. scripts/bench_quant.py
 # times both by rows: on this project's 2-core Xeon (one thread, 768x5120) the kernel was faster at every size up to
@@ -366,8 +369,52 @@ def load_quantized(model: nn.Module, model_dir: str, names: list[str], qconfig: 
                    tp_rank: int = 0, load_rest=None) -> int:
     """Load every tensor in ``names`` (a stage's checkpoint names) from a compressed export into ``model``: the
     linear layers the export stores quantized become Int8Linear / Int4Linear, the rest are copied into the
-    model's parameters. Reads only these tensors, memory-mapped; with ``tp`` > 1 each keeps this rank's part.
-    Returns the number of quantized modules."""
-    from framework.compress.format import load_stage_tensors
+    model's parameters (``load_rest(names)`` when given: the plain tensors of a tensor-parallel rank, sliced too).
+    Reads only these tensors, memory-mapped. With ``tp`` > 1 each quantized layer keeps this rank's part, cut as the
+    plain weights are (``framework.weights.layout.tp_slice``): column-parallel layers by output rows (with their
+    scales and zero points), row-parallel ones by input columns (int8's per-row scales whole, int4's groups cut at
+    group boundaries). Returns the number of quantized modules."""
+    w = weight_args(qconfig)
+    files = WeightFiles(model_dir)
+    quantized = packed_prefixes(names, files.weight_map)
+    for prefix in quantized:
+        set_submodule(model, prefix, load_quantized_linear(model, files, prefix, w, torch.device(device), dtype, tp,
+                                                           tp_rank))
+    files.close()
+    done = {p + ".weight" for p in quantized}
+    rest = [n for n in names if n not in done]
+    if load_rest is None:
+        load_hf_weights(model, model_dir, names=rest)
+    else:
+        load_rest(rest)
+    return len(quantized)
 
-    return load_stage_tensors(model, model_dir, names, qconfig, torch.device(device), dtype, tp, tp_rank, load_rest)
+
+def load_quantized_linear(model: nn.Module, files: WeightFiles, prefix: str, w: dict, device: torch.device,
+                          dtype: torch.dtype | None, tp: int, tp_rank: int) -> nn.Module:
+    """The Int8Linear / Int4Linear that replaces ``model``'s plain linear ``prefix``, holding this rank's part of
+    the export's packed weight (``w``: the config's weights entry). A bias is left empty, for the plain tensors."""
+    old = model.get_submodule(prefix)
+    dt = dtype or old.weight.dtype
+    bits, group = int(w["num_bits"]), w.get("group_size")
+    out_f, in_f = packed_shape(files, prefix)
+    if (out_f, in_f) != (old.out_features, old.in_features):
+        raise UserError(f"shape mismatch for {prefix}: checkpoint {(out_f, in_f)} vs model "
+                        f"{(old.out_features, old.in_features)}")
+    vocab = getattr(getattr(model, "args", None), "vocab_size", out_f)  # a quantized head: vocabulary rows
+    cut = tp_slice(prefix + ".weight", (out_f, in_f), vocab, tp, tp_rank) if tp > 1 else None
+    fused = prefix.rsplit(".", 1)[-1] in FUSED
+    if bits == 4 and cut is not None and cut[0] == 0 and (cut[2] - cut[1]) % 16 and not fused:  # a head, packed alone
+        raise UserError(f"{prefix}: infer.tp={tp} leaves {cut[2] - cut[1]} output rows a rank, which the int4 "
+                        f"kernels cannot run (a multiple of 16 is needed): use another tp, or int8")
+    part = read_packed(files, prefix, bits, group, bool(w.get("symmetric")), cut, tp)
+    if bits == 8:
+        new = Int8Linear(part.q.to(device), part.scale.reshape(-1).contiguous().to(device), None, dt)
+    else:
+        new = Int4Linear(part.q.to(device), part.scale.contiguous().to(device), part.zero_point.contiguous().to(device),
+                         int(group), None, dt)
+        if not fused:
+            new.pack()  # o, down, head: final now; q|k|v and gate|up are packed by the fusion (Int4Linear.cat)
+    if getattr(old, "bias", None) is not None:
+        new.bias = torch.empty(part.q.shape[0], dtype=dt, device=device)  # filled with the plain tensors
+    return new

@@ -18,24 +18,18 @@ from framework.compress.prune import Sparsity, check_n_m, parse_sparsity, prunab
 from framework.compress.quantize import METHODS as QUANT_METHODS
 from framework.compress.quantize import check_int4_shape, quantizable_linears, quantize_int4, quantize_int8
 from framework.config import CompressConfig
-from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config, weight_map
+from framework.models.hf import from_hf_config, read_hf_config
 from framework.models.llama import Llama, ModelArgs
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from framework.weights import shards
+from framework.weights.dtypes import config_dtype
+from framework.weights.io import load_hf_weights, pack_int32, weight_map
+from framework.weights.layout import split_layers, stage_tensor_names
 
 
 def source_dir(model_dir: str | None) -> str:
-    from framework.infer.loader import resolve_model_dir
+    from framework.checkpoint.resolve import resolve_export_dir
 
-    path, checkpoint = resolve_model_dir(model_dir)
-    if checkpoint is not None:
-        raise UserError(f"{model_dir} has a checkpoint but no export: run `python -m framework.export "
-                        f"checkpoint={checkpoint}` first")
-    return path
-
-
-def source_dtype(hf: dict) -> torch.dtype:
-    return TORCH_DTYPES.get(str(hf.get("torch_dtype", hf.get("dtype", "float32"))), torch.float32)
+    return resolve_export_dir(model_dir)
 
 
 def meta_model(args: ModelArgs) -> Llama:
@@ -119,14 +113,14 @@ def quantized_tensors(model: Llama, args: ModelArgs, method: str, group_size: in
             w = state[name]
             if method == "int8":
                 q, scale = quantize_int8(w)
-                out[prefix + ".weight_packed"] = fmt.pack_int32(q, 8)
+                out[prefix + ".weight_packed"] = pack_int32(q, 8)
                 out[prefix + ".weight_scale"] = scale[:, None].to(dtype)
             else:
                 q, scale, zp = quantize_int4(w, group_size, symmetric)
-                out[prefix + ".weight_packed"] = fmt.pack_int32(q, 4)
+                out[prefix + ".weight_packed"] = pack_int32(q, 4)
                 out[prefix + ".weight_scale"] = scale.to(dtype)
                 if not symmetric:
-                    out[prefix + ".weight_zero_point"] = fmt.pack_int32(zp, 4, dim=0)
+                    out[prefix + ".weight_zero_point"] = pack_int32(zp, 4, dim=0)
             out[prefix + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
         else:
             out[name] = state[name].to(dtype)
@@ -136,8 +130,6 @@ def quantized_tensors(model: Llama, args: ModelArgs, method: str, group_size: in
 def owned_names(args: ModelArgs, stages: list[list[int]], rank: int, model: Llama) -> list[str]:
     """The export names this stage writes: its own, less what an earlier stage already holds (a tied embedding
     read again by the last stage) and the tied head."""
-    from framework.infer.plan import stage_tensor_names
-
     earlier = set()
     for r in range(rank):
         earlier.update(stage_tensor_names(args, stages[r], r == 0, r == len(stages) - 1))
@@ -148,7 +140,6 @@ def compress(cfg: CompressConfig) -> str:
     """Compress ``cfg.model_dir`` into ``cfg.out``; returns the output directory. Under ``torchrun`` each of the
     processes is a pipeline stage: it reads only its layers' tensors, quantizes or prunes them (Wanda: fed the
     previous stage's hidden states) and writes its own shard files; rank 0 writes the rest."""
-    from framework.infer.plan import split_layers
     from framework.parallel.distributed import barrier, env_rank_world, init_distributed
 
     t0 = time.perf_counter()
@@ -160,7 +151,7 @@ def compress(cfg: CompressConfig) -> str:
         rank, world = init_distributed(torch.device("cpu"), "gloo")
     stages = split_layers(args.n_layers, world, None)
     first, last = rank == 0, rank == world - 1
-    dtype = source_dtype(hf)
+    dtype = config_dtype(hf)
     model = load_plain(src, args, stages[rank], first, last)
     names = owned_names(args, stages, rank, model)
     new_hf = dict(hf)
@@ -219,9 +210,9 @@ def write_output(src: str, out: str, tensors: dict[str, torch.Tensor], hf_config
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    shards = fmt.plan_shards(tensors, max_shard_mb)
-    counts = gather(len(shards), world)
-    wmap = fmt.write_shards(tmp, tensors, shards, sum(counts[:rank]), sum(counts))
+    planned = shards.plan_shards(shards.tensor_sizes(tensors), max_shard_mb * 2**20)
+    counts = gather(len(planned), world)
+    wmap = shards.write_shards(tmp, tensors, planned, sum(counts[:rank]), sum(counts))
     for name in set(wmap.values()):  # the writer fsyncs: on a shared filesystem another node cannot flush its writes
         fsync_path(os.path.join(tmp, name))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

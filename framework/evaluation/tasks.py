@@ -46,8 +46,7 @@ def infer_config(cfg):
 def run_tasks(cfg) -> dict | None:
     """Evaluate; rank 0 returns lm-eval's results (and writes ``output``), the other ranks None."""
     from framework.evaluation.harness import EngineClient, MiaotuiLM
-    from framework.infer.runner import build_engine
-    from framework.infer.startup import start_stage_ranks
+    from framework.infer.startup import build_engine, start_stage_ranks
     from framework.parallel.distributed import destroy
 
     manager = task_manager(cfg.include_path)

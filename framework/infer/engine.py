@@ -21,12 +21,13 @@ from collections import deque
 import torch
 
 from framework.infer.sampler import Sampler, token_logprobs
-from framework.infer.scheduler import STOP, Scheduler, StepPlan
+from framework.infer.scheduler import Scheduler
+from framework.infer.step import STOP, StepPlan
 from framework.infer.transport import ShmTransport, Transport
 from framework.infer.worker import StageWorker
 from framework.parallel.distributed import group_timeout, wait_polled
 
-KEEPALIVE = 2  # a plan's flag beside scheduler.GO and STOP: no work, passed on along the ring and ignored
+KEEPALIVE = 2  # a plan's flag beside step.GO and STOP: no work, passed on along the ring and ignored
 
 
 class Engine:

@@ -11,36 +11,18 @@ from framework.cli import UserError
 from framework.infer.cpu_linear import pack_linears, packing_available
 from framework.infer.plan import Stage
 from framework.infer.worker import StageWeights
-from framework.models.hf import from_hf_config, hf_slice_reader, load_hf_weights, read_hf_config, read_part, weight_map
+from framework.models.hf import from_hf_config, read_hf_config
 from framework.models.llama import Llama, ModelArgs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from framework.weights.dtypes import config_precision, torch_dtype
+from framework.weights.io import hf_slice_reader, load_hf_weights, read_tp_part, weight_map
 
 
 def resolve_model_dir(path: str | None) -> tuple[str, str | None]:
-    """(export directory, checkpoint to export into it first or None) from an export, a run directory (its
-    export/, else its latest checkpoint) or a checkpoint step directory. Raises UserError naming the fix."""
-    if not path:
-        raise UserError("model_dir is required: an export directory or a run directory")
-    if not os.path.isdir(path):
-        raise UserError(f"model directory not found: {path}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    export = os.path.join(path, "export")
-    if os.path.isfile(os.path.join(export, "config.json")):
-        return export, None
-    if os.path.isfile(os.path.join(path, "trainer_state.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
-        from framework.checkpoint.convert import find_checkpoint, has_universal
+    """Moved to ``framework.checkpoint.resolve.resolve_model_dir``; kept for framework/infer/startup.py and
+    framework/infer/speculative.py until they import it from there."""
+    from framework.checkpoint.resolve import resolve_model_dir as resolve
 
-        _, step_dir = find_checkpoint(path)
-        export = os.path.join(step_dir, "export")
-        if os.path.isfile(os.path.join(export, "config.json")):
-            return export, None
-        if not has_universal(step_dir):
-            raise UserError(f"{step_dir} has no per-parameter state to export from: run "
-                            f"`python -m framework.export checkpoint={step_dir}` (same launcher as training) first")
-        return export, step_dir
-    raise UserError(f"{path} holds no config.json nor export/: point model_dir at an export or a run directory")
+    return resolve(path)
 
 
 def read_model_args(model_dir: str) -> ModelArgs:
@@ -65,39 +47,8 @@ def rss_mb(device: torch.device | None = None) -> float:
 def default_dtype(name: str | None, model_dir: str, device: torch.device) -> tuple[str, torch.dtype]:
     """infer.dtype, or the export's torch_dtype on CUDA and fp32 on CPU. Raises UserError for an unknown one."""
     if name is None:
-        hf = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-        cfg = read_hf_config(model_dir)
-        name = hf.get(str(cfg.get("torch_dtype", cfg.get("dtype", "float32"))), "fp32") if device.type == "cuda" else "fp32"
-    if name not in DTYPES:
-        raise UserError(f"infer.dtype={name}: use fp32, bf16 or fp16")
-    return name, DTYPES[name]
-
-
-# How tensor parallelism splits each weight: column-parallel (output rows) for q/k/v and gate/up, row-parallel
-# (input columns) for o and down, vocabulary rows for the embedding and the head; norms are replicated.
-_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias",
-         "gate_proj.weight", "up_proj.weight")
-_COLS = ("o_proj.weight", "down_proj.weight")
-_VOCAB = ("embed_tokens.weight", "lm_head.weight")
-
-
-def vocab_range(vocab: int, tp: int, tp_rank: int) -> tuple[int, int]:
-    """This rank's rows of a vocabulary-parallel table: equal chunks of ceil(V / tp), the last one shorter."""
-    chunk = -(-vocab // tp)
-    return min(tp_rank * chunk, vocab), min((tp_rank + 1) * chunk, vocab)
-
-
-def tp_slice(name: str, shape: tuple[int, ...], vocab: int, tp: int, tp_rank: int) -> tuple[int, int, int] | None:
-    """(dim, start, end) of this rank's part of tensor ``name``, or None when every rank holds all of it."""
-    if name.endswith(_ROWS):
-        n = shape[0] // tp
-        return 0, tp_rank * n, (tp_rank + 1) * n
-    if name.endswith(_COLS):
-        n = shape[1] // tp
-        return 1, tp_rank * n, (tp_rank + 1) * n
-    if name.endswith(_VOCAB):
-        return (0, *vocab_range(vocab, tp, tp_rank))
-    return None
+        name = config_precision(read_hf_config(model_dir)) if device.type == "cuda" else "fp32"
+    return name, torch_dtype(name, "infer.dtype")
 
 
 def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_rank: int,
@@ -107,10 +58,8 @@ def load_tp_weights(model: Llama, model_dir: str, names: list[str], tp: int, tp_
     get = hf_slice_reader(model_dir)
     loaded: dict[str, torch.Tensor] = {}
     for name in names:
-        sl = get(name)
-        cut = tp_slice(name, tuple(sl.get_shape()), model.args.vocab_size, tp, tp_rank)
         # cast on the host, tensor by tensor, then copy: the device only ever holds the target dtype
-        loaded[name] = read_part(sl, cut).to(dtype).to(device)
+        loaded[name] = read_tp_part(get(name), name, model.args.vocab_size, tp, tp_rank).to(dtype).to(device)
     for name, t in loaded.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)

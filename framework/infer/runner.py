@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from framework.cli import UserError
 from framework.config import GenerateConfig
 from framework.infer.engine import Engine
-from framework.infer.loader import load_stage, rss_mb, weight_bytes
+from framework.infer.loader import rss_mb, weight_bytes
 from framework.infer.sampler import SamplingParams
 from framework.infer.scheduler import Request
-from framework.infer.startup import start_stage_ranks
+from framework.infer.startup import StageSetup, build_engine, start_stage_ranks
 from framework.parallel.distributed import barrier, broadcast_object
 
 
@@ -101,103 +101,14 @@ def validate_requests(raw: list[dict], cfg: GenerateConfig, tokenizer, context: 
     return requests, errors, max_len
 
 
-def read_eos_ids(model_dir: str, tokenizer) -> frozenset[int]:
-    """The ids that end a sequence: ``eos_token_id`` of generation_config.json and config.json (an int or a list,
-    e.g. Llama 3's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's own EOS, as ``generate()`` does."""
-    ids = set()
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as f:
-                value = json.load(f).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise UserError(f"{path}: not a readable JSON object ({exc}): fix or remove the file") from None
-        for i in value if isinstance(value, list) else [value]:
-            if isinstance(i, int) and not isinstance(i, bool):
-                ids.add(i)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)
-
-
-def build_engine(inf, model_dir: str, args, stages, rank: int, device, dtype, n_requests: int, max_len: int,
-                 tokenizer, say) -> tuple[Engine, int]:
-    """Load this rank's slice of its stage, size the KV cache (every rank agrees on the slot count), and wire
-    the parts. Returns the engine and its KV slot count."""
-    from framework.infer.cache import KVCache, bytes_per_slot, fit_slots, kv_budget_bytes
-    from framework.infer.sampler import Sampler
-    from framework.infer.scheduler import Scheduler, StepPlan
-    from framework.infer.speculative import check_speculative_keys
-    from framework.infer.tensor_parallel import TPGroup
-    from framework.infer.transport import make_transport
-    from framework.infer.worker import StageWorker
-
-    check_speculative_keys(inf)  # every rank, before any weight is read
-    k = inf.num_speculative_tokens if inf.speculative != "none" else 0  # draft rows a decode row may bring
-    pp, tp = inf.pp, inf.tp
-    stage, tp_rank = stages[rank // tp], rank % tp
-    max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
-    lanes = inf.micro_batches or pp
-    kv_heads = args.kv_heads // tp
-    per_slot = bytes_per_slot(len(stage.layers), kv_heads, args.head_dim, max_len, dtype)
-    def fitting_slots() -> int:
-        budget = kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization)
-        return fit_slots(budget, per_slot, max_batch, max_len)
-
-    slots = fitting_slots() if device.type == "cpu" else None  # on CPU refused before any weight is read
-    wanted = max(1, min(max_batch, n_requests))
-    rows_hint = -(-wanted // lanes) if inf.packed_weights else None
-    compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
-    weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
-                         rows_hint=rows_hint, tp=tp, tp_rank=tp_rank, compiled=compile_decode)
-    slots = min(slots if slots is not None else fitting_slots(), wanted)  # CUDA: what the weights left free
-    if pp * tp > 1:
-        box = [None] * (pp * tp)
-        dist.all_gather_object(box, slots)
-        slots = min(box)
-    cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
-    # a step has draft rows only while its lane decodes fewer than speculative_max_batch rows
-    draft_rows = min(slots, inf.speculative_max_batch - 1) * k
-    tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
-    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg,
-                         max_rows=slots + draft_rows)
-    worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
-    capacity = StepPlan.capacity(slots, inf.prefill_chunk, draft_rows)
-    transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + draft_rows + inf.prefill_chunk,
-                               args.dim, dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk,
-                                                                                          draft_rows))
-    sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
-    scheduler = None
-    if rank == 0:
-        from framework.infer.speculative import build_proposer
-
-        scheduler = Scheduler(slots, lanes, inf.prefill_chunk, eos_ids=read_eos_ids(model_dir, tokenizer),
-                              tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len,
-                              proposer=build_proposer(inf, tokenizer, slots, max_len, device, dtype),
-                              num_speculative_tokens=k, speculative_max_batch=inf.speculative_max_batch)
-    ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
-    say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
-        f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
-        f"tp all-reduce {ar}, ring {'-' if transport is None else transport.kind}")
-    engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport)
-    return engine, slots
-
-
-def generate(cfg) -> dict:
-    """Run the job; returns the summary (rank 0) and writes outputs. Every rank calls this."""
-    cfg = as_generate_config(cfg)
-    inf = cfg.infer
-    st = start_stage_ranks(cfg.model_dir, inf)
-    model_dir, args, device, dtype, rank, world = st.model_dir, st.args, st.device, st.dtype, st.rank, st.world
-    stages, tokenizer, say = st.stages, st.tokenizer, st.say
-    # Requests are read and checked by rank 0 before any weight is loaded.
+def read_payload(cfg: GenerateConfig, tokenizer, context: int, rank: int) -> dict:
+    """Rank 0 reads and checks the requests before any weight is loaded; every rank gets the outcome:
+    {"requests", "errors", "max_len"}, or a UserError raised on every rank."""
     payload = None
     if rank == 0:
         try:
             raw, errors = read_requests(cfg)
-            requests, more_errors, max_len = validate_requests(raw, cfg, tokenizer, args.max_seq_len)
+            requests, more_errors, max_len = validate_requests(raw, cfg, tokenizer, context)
             errors += more_errors
             payload = {"requests": requests, "errors": errors, "max_len": max_len}
             if cfg.prompt is not None and errors:
@@ -207,30 +118,38 @@ def generate(cfg) -> dict:
     payload = broadcast_object(payload)
     if "fatal" in payload:
         raise UserError(payload["fatal"])
-    for e in payload["errors"]:
-        say(f"[miaotui] skipped: {e['error']}")
+    return payload
 
+
+def load_engine(st: StageSetup, inf, payload: dict) -> tuple[Engine, list[dict], float]:
+    """Build this rank's engine, then tell (rank 0) how long the load took and what each rank holds.
+    Returns the engine, every rank's memory entry and the model's size in MiB."""
     rss0 = rss_mb()
     t_load = time.perf_counter()
-    engine, _ = build_engine(inf, model_dir, args, stages, rank, device, dtype, len(payload["requests"]),
-                             payload["max_len"], tokenizer, say)
+    engine, _ = build_engine(inf, st.model_dir, st.args, st.stages, st.rank, st.device, st.dtype,
+                             len(payload["requests"]), payload["max_len"], st.tokenizer, st.say)
     loaded_mb = rss_mb() - rss0
-    mem = [None] * world
-    dist.all_gather_object(mem, {"rank": rank, "stage": rank // inf.tp, "tp_rank": rank % inf.tp,
+    mem = [None] * st.world
+    dist.all_gather_object(mem, {"rank": st.rank, "stage": st.rank // inf.tp, "tp_rank": st.rank % inf.tp,
                                  "weights_mb": weight_bytes(engine.worker.w) / 2**20, "rss_delta_mb": loaded_mb})
-    model_mb = sum(s.bytes for s in stages) / 2**20
-    say("[miaotui] loaded in {:.2f}s; model {:.1f} MiB; per rank: {}".format(
+    model_mb = sum(s.bytes for s in st.stages) / 2**20
+    st.say("[miaotui] loaded in {:.2f}s; model {:.1f} MiB; per rank: {}".format(
         time.perf_counter() - t_load, model_mb, ", ".join(
             f"rank {m['rank']} (stage {m['stage']}, tp {m['tp_rank']}) weights {m['weights_mb']:.1f} MiB "
             f"({m['weights_mb'] / model_mb:.2f} of the model) / memory +{m['rss_delta_mb']:.1f} MiB" for m in mem)))
+    return engine, mem, model_mb
 
+
+def run_requests(engine: Engine, requests: list, inf, rank: int, world: int) -> tuple[list, float, float, list[float]]:
+    """Every request to the scheduler at once (rank 0), the engine run until all have finished (every rank).
+    Returns the finished sequences (rank 0), when they were submitted, the wall time and each rank's busy share."""
     finished = []
     bar = None
     if rank == 0:
-        if inf.progress and len(payload["requests"]) > 16:
+        if inf.progress and len(requests) > 16:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(payload["requests"]), desc="generate", file=sys.stderr)
+            bar = tqdm(total=len(requests), desc="generate", file=sys.stderr)
 
         def on_finish(seq):
             finished.append(seq)
@@ -241,7 +160,7 @@ def generate(cfg) -> dict:
     barrier()
     t0 = time.perf_counter()
     if rank == 0:
-        for i, (_, ids, params, _) in enumerate(payload["requests"]):
+        for i, (_, ids, params, _) in enumerate(requests):
             engine.scheduler.add(Request(i, ids, params, arrival=t0))
     engine.run()
     wall = time.perf_counter() - t0
@@ -249,9 +168,11 @@ def generate(cfg) -> dict:
         bar.close()
     busy = [None] * world
     dist.all_gather_object(busy, engine.worker.busy_s / wall if wall > 0 else 0.0)
-    if rank != 0:
-        return {}
+    return finished, t0, wall, busy
 
+
+def result_lines(finished: list, payload: dict, tokenizer, t0: float) -> list[dict]:
+    """One output line per request (its text, tokens and timings) or per error, in the input's order."""
     finished.sort(key=lambda s: s.request.index)
     lines = []
     for s in finished:
@@ -264,6 +185,12 @@ def generate(cfg) -> dict:
                       "latency_s": s.t_done - t0})
     lines += payload["errors"]
     lines.sort(key=lambda x: x["line"])
+    return lines
+
+
+def summarize(finished: list, lines: list[dict], n_errors: int, wall: float, busy: list[float], engine: Engine,
+              inf, mem: list[dict], model_mb: float) -> dict:
+    """The job's summary: counts, throughput, latencies, each stage's busy share and memory."""
     n_tokens = sum(len(s.generated) for s in finished)
     decode_tokens = sum(max(len(s.generated) - 1, 0) for s in finished)  # a stop string can cut to 0 tokens
     decode_span = (max(s.t_last for s in finished) - min(s.t_first for s in finished)) if finished else 0.0
@@ -274,8 +201,8 @@ def generate(cfg) -> dict:
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
-    summary = {
-        "requests": len(finished), "errors": len(payload["errors"]), "generated_tokens": n_tokens,
+    return {
+        "requests": len(finished), "errors": n_errors, "generated_tokens": n_tokens,
         "wall_s": wall, "tokens_per_s": n_tokens / wall if wall > 0 else 0.0,
         # steady-state decode: the tokens after each row's first over the time from the first token to the last
         "decode_tokens_per_s": decode_tokens / decode_span if decode_span > 0 else None,
@@ -286,6 +213,10 @@ def generate(cfg) -> dict:
         "steps": engine.steps, "stage_memory": mem,
         **spec_summary(engine.scheduler, inf),
     }
+
+
+def write_outputs(cfg: GenerateConfig, lines: list[dict]) -> None:
+    """The lines as JSONL to ``output``; without one, each request's prompt and text to stdout."""
     if cfg.output:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         with open(cfg.output, "w") as f:
@@ -296,8 +227,25 @@ def generate(cfg) -> dict:
             if "error" in x:
                 continue
             print(f"{x['prompt']}\033[1m{x['text']}\033[0m" if sys.stdout.isatty() else x["prompt"] + x["text"])
-    say("[miaotui] {} requests, {} tokens in {:.2f}s: {:.1f} tok/s, ttft {}, tpot {}, stage busy {}".format(
-        summary["requests"], n_tokens, wall, summary["tokens_per_s"],
+
+
+def generate(cfg) -> dict:
+    """Run the job; returns the summary (rank 0) and writes outputs. Every rank calls this."""
+    cfg = as_generate_config(cfg)
+    inf = cfg.infer
+    st = start_stage_ranks(cfg.model_dir, inf)
+    payload = read_payload(cfg, st.tokenizer, st.args.max_seq_len, st.rank)
+    for e in payload["errors"]:
+        st.say(f"[miaotui] skipped: {e['error']}")
+    engine, mem, model_mb = load_engine(st, inf, payload)
+    finished, t0, wall, busy = run_requests(engine, payload["requests"], inf, st.rank, st.world)
+    if st.rank != 0:
+        return {}
+    lines = result_lines(finished, payload, st.tokenizer, t0)
+    summary = summarize(finished, lines, len(payload["errors"]), wall, busy, engine, inf, mem, model_mb)
+    write_outputs(cfg, lines)
+    st.say("[miaotui] {} requests, {} tokens in {:.2f}s: {:.1f} tok/s, ttft {}, tpot {}, stage busy {}".format(
+        summary["requests"], summary["generated_tokens"], wall, summary["tokens_per_s"],
         f"{summary['ttft_s'] * 1e3:.1f} ms" if summary["ttft_s"] is not None else "-",
         f"{summary['tpot_s'] * 1e3:.2f} ms" if summary["tpot_s"] is not None else "-",
         " ".join(f"{b:.2f}" for b in busy)))

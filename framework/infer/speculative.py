@@ -154,7 +154,7 @@ class DraftProposer:
 
     @torch.inference_mode()
     def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
-        from framework.infer.scheduler import StepPlan
+        from framework.infer.step import StepPlan
 
         plan = StepPlan()
         ctxs = []

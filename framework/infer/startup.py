@@ -1,19 +1,27 @@
-"""What every front end of the engine does before it builds the engine: check the engine keys, find the export,
-join the process group, validate the layout, plan the stages, load the tokenizer.
+"""How every front end of the engine starts it: ``start_stage_ranks`` checks the engine keys, finds the export,
+joins the process group, validates the layout, plans the stages and loads the tokenizer; ``build_engine`` then
+loads this rank's weights, sizes the KV cache and wires the engine's parts.
 
-``framework.generate`` (runner.py) and ``framework.serve`` (server/) differ only in what they feed the engine;
-this is their shared start-up, in the order that lets a bad input fail in one line before any weight is read.
+``framework.generate`` (runner.py), ``framework.serve`` (server/) and ``framework.eval`` (evaluation/tasks.py)
+differ only in what they feed the engine; this is their shared start-up, in the order that lets a bad input fail
+in one line before any weight is read.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from framework.cli import UserError
+
+if TYPE_CHECKING:
+    from framework.infer.engine import Engine
 
 
 @dataclass
@@ -81,3 +89,105 @@ def start_stage_ranks(model_dir: str | None, inf, timeout_s: int | None = None) 
     say(f"[miaotui] {model_dir}: {args.num_params() / 1e6:.2f}M parameters, {args.n_layers} layers, "
         f"pp={inf.pp} x tp={inf.tp}, dtype={dtype_name}, device={device.type}\n{format_plan(stages)}")
     return StageSetup(model_dir, args, device, dtype_name, dtype, rank, world, stages, load_tokenizer(model_dir), say)
+
+
+def read_eos_ids(model_dir: str, tokenizer) -> frozenset[int]:
+    """The ids that end a sequence: ``eos_token_id`` of generation_config.json and config.json (an int or a list,
+    e.g. Llama 3's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's own EOS, as ``generate()`` does."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                value = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path}: not a readable JSON object ({exc}): fix or remove the file") from None
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.add(i)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def agree_slots(slots: int, world: int) -> int:
+    """The fewest KV slots any rank can hold: a step's rows must fit every stage's cache."""
+    if world == 1:
+        return slots
+    import torch.distributed as dist
+
+    box = [None] * world
+    dist.all_gather_object(box, slots)
+    return min(box)
+
+
+def build_scheduler(inf, model_dir: str, tokenizer, slots: int, lanes: int, max_len: int, device: torch.device,
+                    dtype: torch.dtype, k: int):
+    """Rank 0's scheduler, with the model's EOS ids and the speculative proposer (``k`` draft tokens a row)."""
+    from framework.infer.scheduler import Scheduler
+    from framework.infer.speculative import build_proposer
+
+    return Scheduler(slots, lanes, inf.prefill_chunk, eos_ids=read_eos_ids(model_dir, tokenizer),
+                     tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len,
+                     proposer=build_proposer(inf, tokenizer, slots, max_len, device, dtype),
+                     num_speculative_tokens=k, speculative_max_batch=inf.speculative_max_batch)
+
+
+def build_engine(inf, model_dir: str, args, stages, rank: int, device: torch.device, dtype: torch.dtype,
+                 n_requests: int, max_len: int, tokenizer, say: Callable[[str], None]) -> tuple[Engine, int]:
+    """Load this rank's slice of its stage, size the KV cache (every rank agrees on the slot count), and wire
+    the parts. Returns the engine and its KV slot count. Every rank calls this, after ``start_stage_ranks``."""
+    import torch.distributed as dist
+
+    from framework.infer.cache import KVCache, bytes_per_slot, fit_slots, kv_budget_bytes
+    from framework.infer.engine import Engine
+    from framework.infer.loader import load_stage
+    from framework.infer.sampler import Sampler
+    from framework.infer.speculative import check_speculative_keys
+    from framework.infer.step import StepPlan
+    from framework.infer.tensor_parallel import TPGroup
+    from framework.infer.transport import make_transport
+    from framework.infer.worker import StageWorker
+
+    check_speculative_keys(inf)  # every rank, before any weight is read
+    k = inf.num_speculative_tokens if inf.speculative != "none" else 0  # draft rows a decode row may bring
+    pp, tp = inf.pp, inf.tp
+    stage, tp_rank = stages[rank // tp], rank % tp
+    max_batch = inf.batch_size if inf.batch_size is not None else inf.max_batch
+    lanes = inf.micro_batches or pp
+    kv_heads = args.kv_heads // tp
+    per_slot = bytes_per_slot(len(stage.layers), kv_heads, args.head_dim, max_len, dtype)
+
+    def fitting_slots() -> int:
+        budget = kv_budget_bytes(device, inf.kv_cache_gb, inf.gpu_memory_utilization)
+        return fit_slots(budget, per_slot, max_batch, max_len)
+
+    slots = fitting_slots() if device.type == "cpu" else None  # on CPU refused before any weight is read
+    wanted = max(1, min(max_batch, n_requests))
+    rows_hint = -(-wanted // lanes) if inf.packed_weights else None
+    compile_decode = inf.compile if inf.compile is not None else device.type == "cuda"
+    weights = load_stage(model_dir, args, stage, device, dtype, quant=inf.quant, group_size=inf.quant_group_size,
+                         rows_hint=rows_hint, tp=tp, tp_rank=tp_rank, compiled=compile_decode)
+    slots = min(slots if slots is not None else fitting_slots(), wanted)  # CUDA: what the weights left free
+    slots = agree_slots(slots, pp * tp)
+    cache = KVCache(stage.layers, slots, kv_heads, max_len, args.head_dim, dtype, device)
+    # a step has draft rows only while its lane decodes fewer than speculative_max_batch rows
+    draft_rows = min(slots, inf.speculative_max_batch - 1) * k
+    tpg = TPGroup(pp, tp, rank, device, dtype, args.vocab_size, allreduce=inf.allreduce)
+    worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg,
+                         max_rows=slots + draft_rows)
+    worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
+    capacity = StepPlan.capacity(slots, inf.prefill_chunk, draft_rows)
+    transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + draft_rows + inf.prefill_chunk,
+                               args.dim, dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk,
+                                                                                          draft_rows))
+    sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
+    scheduler = build_scheduler(inf, model_dir, tokenizer, slots, lanes, max_len, device, dtype, k) if rank == 0 else None
+    ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
+    say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
+        f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "
+        f"tp all-reduce {ar}, ring {'-' if transport is None else transport.kind}")
+    engine = Engine(worker, rank, pp, device, capacity, sampler=sampler, scheduler=scheduler, transport=transport)
+    return engine, slots

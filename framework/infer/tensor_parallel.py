@@ -1,7 +1,7 @@
 """Tensor parallelism inside a pipeline stage: the collectives of one stage's tp ranks.
 
 world = pp x tp; the tp ranks of a stage are neighbours (rank = stage * tp + tp_rank). Each rank holds its
-slice of every weight (framework/infer/loader.py ``tp_slice``): q/k/v and gate/up by output rows, o and down by
+slice of every weight (framework/weights/layout.py ``tp_slice``): q/k/v and gate/up by output rows, o and down by
 input columns, so each layer needs one all-reduce after o and one after down; the embedding and the LM head by
 vocabulary rows, so the embedding needs one all-reduce and the head's logits one all-gather. Vocabulary-parallel
 rather than replicated: the head is the largest single matrix of a small model's decode (a quarter of Llama 3.2
@@ -25,7 +25,15 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from framework.parallel.distributed import broadcast_object, new_group, unlink_deepspeed_shm
+from framework.parallel.deepspeed_hooks import (
+    init_shm_allreduce,
+    load_shm_allreduce_op,
+    shm_all_reduce,
+    shm_vector_kernel_level,
+    unlink_deepspeed_shm,
+)
+from framework.parallel.distributed import broadcast_object, new_group
+from framework.weights.layout import vocab_chunk
 
 
 def load_shm_allreduce(dtype: torch.dtype) -> bool:
@@ -39,28 +47,17 @@ def load_shm_allreduce(dtype: torch.dtype) -> bool:
     token = broadcast_object(uuid.uuid4().hex[:16])
     mod, ok = None, False
     try:
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-        mod = ShareMemCommBuilder().load(verbose=False)
+        mod = load_shm_allreduce_op()
         # the ranks of one node: LOCAL_SIZE for the deepspeed launcher, LOCAL_WORLD_SIZE for torchrun
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-        ok = local == world and mod.vector_kernel_level() >= (1 if dtype == torch.float32 else 2)
+        ok = local == world and shm_vector_kernel_level(mod) >= (1 if dtype == torch.float32 else 2)
     except Exception:  # no compiler, no deepspeed op: the backend serves
         ok = False
     votes = [None] * world
     dist.all_gather_object(votes, ok)
     if not all(votes):  # initialise only where every rank can: a rank alone would wait for its peers' segments
         return False
-    os.environ["LOCAL_SIZE"] = str(world)
-    port = os.environ.get("MASTER_PORT")
-    os.environ["MASTER_PORT"] = f"miaotui{token}"
-    try:
-        mod.initialize(world, rank)
-    finally:
-        if port is None:
-            os.environ.pop("MASTER_PORT")
-        else:
-            os.environ["MASTER_PORT"] = port
+    init_shm_allreduce(mod, world, rank, f"miaotui{token}")
     dist.barrier()  # every rank has mapped every segment: the names can go
     unlink_deepspeed_shm(f"miaotui{token}")
     return True
@@ -96,14 +93,14 @@ class TPGroup:
         if self.tp == 1:
             return x
         if self.shm:
-            return torch.ops.deepspeed.inference_all_reduce(x)
+            return shm_all_reduce(x)
         return funcol.all_reduce(x, "sum", self.group)
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Vocabulary-parallel lookup: each rank fills the rows of its ids, the all-reduce sums them."""
         if self.tp == 1:
             return F.embedding(ids, weight)
-        start = self.tp_rank * (-(-self.vocab // self.tp))
+        start = self.tp_rank * vocab_chunk(self.vocab, self.tp)
         local = ids - start
         mine = (local >= 0) & (local < weight.shape[0])
         out = F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * mine[..., None].to(weight.dtype)
@@ -113,7 +110,7 @@ class TPGroup:
         """(n, V / tp) on each rank -> (n, V) on every rank."""
         if self.tp == 1:
             return logits
-        chunk = -(-self.vocab // self.tp)
+        chunk = vocab_chunk(self.vocab, self.tp)
         if self.shm:  # the shared-memory op only sums: each rank fills its columns of a zero (n, V) table
             full = logits.new_zeros(logits.shape[0], self.vocab)
             start = self.tp_rank * chunk
@@ -135,7 +132,7 @@ class TPGroup:
         if self.tp_rank == 0:
             for i in range(4):
                 pieces[:, i] = ((buf >> (16 * i)) & 0xFFFF).float()
-        pieces = torch.ops.deepspeed.inference_all_reduce(pieces)
+        pieces = shm_all_reduce(pieces)
         out = torch.zeros_like(buf)
         for i in range(4):
             out |= pieces[:, i].long() << (16 * i)

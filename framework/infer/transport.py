@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from framework.infer.scheduler import STOP, StepPlan
+from framework.infer.step import STOP, StepPlan
 from framework.parallel.distributed import group_timeout, new_group, wait_polled
 
 

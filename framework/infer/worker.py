@@ -346,7 +346,7 @@ class StageWorker:
 
     @torch.inference_mode()
     def step(self, plan, x: torch.Tensor | None) -> torch.Tensor:
-        """Run the step described by ``plan`` (a scheduler.StepPlan) on x: on the first stage token ids (N,), or
+        """Run the step described by ``plan`` (a step.StepPlan) on x: on the first stage token ids (N,), or
         None to take ``plan.tokens`` (staged with the step's other lists in one copy); hidden states (N, D) on the
         others. Returns hidden states (N, D), or on the last stage the logits (n_sample, V) of the rows that
         sample, in plan order (then those of the prompt rows it scores, ``StepPlan.score_rows``)."""
@@ -396,7 +396,7 @@ class StageWorker:
         together (the graph holds the all-reduce)."""
         if not self.compiled:
             return
-        from framework.infer.scheduler import StepPlan
+        from framework.infer.step import StepPlan
 
         def run(n: int, pos: int) -> None:
             x = (None if self.first  # as a real step calls it: x made outside inference mode (a guard of the graph)

@@ -1,15 +1,10 @@
-"""Hugging Face config <-> ours, and reading a local Hugging Face safetensors checkpoint.
-
-Our parameter names are Hugging Face's, so a checkpoint maps one to one; the only difference is that a tied
-model's files carry no ``lm_head.weight``.
-"""
+"""Hugging Face config.json <-> our ModelArgs. Reading and writing the weights is framework/weights/ (io.py,
+shards.py): our parameter names are Hugging Face's, so a checkpoint maps one to one."""
 
 from __future__ import annotations
 
 import json
 import os
-
-import torch
 
 from framework.cli import UserError
 from framework.models.llama import ModelArgs
@@ -110,81 +105,3 @@ def has_tokenizer(model_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(model_dir, f))
                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
 
-
-def weight_map(model_dir: str) -> dict[str, str]:
-    """Tensor name -> safetensors file name, from the index or the single model.safetensors."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return json.load(f)["weight_map"]
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as f:
-            return {k: "model.safetensors" for k in f.keys()}
-    raise UserError(f"no safetensors weights in {model_dir} (model.safetensors or an index): export the model first")
-
-
-def read_part(sl, cut: tuple[int, int, int] | None) -> torch.Tensor:
-    """Rows (``cut`` = (0, lo, hi)) or columns ((1, lo, hi)) of a safetensors slice, or all of it (None): only
-    those bytes are read."""
-    if cut is None:
-        return sl[:]
-    dim, lo, hi = cut
-    return sl[lo:hi] if dim == 0 else sl[:, lo:hi]
-
-
-def hf_slice_reader(model_dir: str):
-    """``get(name)``: one tensor of a HF safetensors directory as a memory-mapped safetensors slice (``get_shape()``;
-    indexing ``[a:b]`` or ``[:, a:b]`` reads only those rows or columns). A tied model's missing
-    ``lm_head.weight`` is the embedding."""
-    from safetensors import safe_open
-
-    wmap = weight_map(model_dir)
-    files: dict[str, object] = {}
-
-    def get(name: str):
-        source = name
-        if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
-            source = "model.embed_tokens.weight"
-        if source not in wmap:
-            raise UserError(f"{model_dir} has no tensor '{name}': the checkpoint is of another model shape")
-        fname = wmap[source]
-        if fname not in files:
-            files[fname] = safe_open(os.path.join(model_dir, fname), "pt", device="cpu")
-        return files[fname].get_slice(source)
-
-    return get
-
-
-def load_hf_weights(model: torch.nn.Module, model_dir: str, names: list[str] | None = None) -> None:
-    """Copy tensors from ``model_dir`` into ``model`` by name, memory-mapped, reading only ``names``.
-
-    A tied model's missing ``lm_head.weight`` is read from ``model.embed_tokens.weight``.
-    """
-    from safetensors import safe_open
-
-    wmap = weight_map(model_dir)
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head is listed under both names
-    params.update(dict(model.named_buffers()))
-    wanted = names if names is not None else [n for n in params if n in model.state_dict()]
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for name in wanted:
-        source = name
-        if source not in wmap and name == "lm_head.weight" and "model.embed_tokens.weight" in wmap:
-            source = "model.embed_tokens.weight"
-        if source not in wmap:
-            raise UserError(f"{model_dir} has no tensor '{name}': the checkpoint is of another model shape")
-        by_file.setdefault(wmap[source], []).append((name, source))
-    for fname, pairs in by_file.items():
-        with safe_open(os.path.join(model_dir, fname), "pt", device="cpu") as f:
-            for name, source in pairs:
-                tensor = f.get_tensor(source)
-                target = params[name]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise UserError(
-                        f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"
-                    )
-                with torch.no_grad():
-                    target.copy_(tensor.to(target.dtype))

@@ -130,17 +130,6 @@ def wait_polled(work, deadline_s: float, what: str, poll_s: float = 5e-5) -> Non
         work.wait()  # completed: raises the operation's error, if it failed, and orders this stream after it
 
 
-def unlink_deepspeed_shm(port: str) -> None:
-    """Remove the name of this rank's segment of DeepSpeed's CPU shared-memory all-reduce (named after the user,
-    MASTER_ADDR, ``port`` and the rank), which DeepSpeed never removes. Call it once every rank has mapped every
-    segment (after a barrier): the memory then lives as long as the mappings, and goes with the job."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{port}_{dist.get_rank()}"
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except OSError:
-        pass
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -27,9 +27,10 @@ import torch.distributed as dist
 
 from framework.cli import UserError
 from framework.config import ParallelConfig
-from framework.models.hf import read_part
 from framework.models.llama import Llama, ModelArgs, rope_inv_freq
+from framework.parallel.deepspeed_hooks import autotp_shard_spec, partition_only_init, record_param_names
 from framework.parallel.topology import Topology
+from framework.weights.io import read_part
 
 
 def builds_partitioned(parallel: ParallelConfig, topo: Topology) -> bool:
@@ -86,25 +87,6 @@ def _no_default_init():
         torch.nn.Linear.reset_parameters, torch.nn.Embedding.reset_parameters = saved
 
 
-def _partition_only_class():
-    import deepspeed
-
-    class PartitionOnly(deepspeed.zero.Init):
-        """zero.Init without its broadcast of every new parameter from rank 0: the values are written per rank right
-        after, and receiving the broadcast would make each module whole and resident on every rank (DeepSpeed
-        0.18-0.19 ``Init._zero_init_param``)."""
-
-        def _zero_init_param(self, param):
-            self._convert_to_deepspeed_param(param)
-            param.partition()
-
-    return PartitionOnly
-
-
-def _PartitionOnly(**kwargs):  # noqa: N802 - a class made on first use (DeepSpeed is imported lazily)
-    return _partition_only_class()(**kwargs)
-
-
 def _rows_covering(sl, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
     """The ``(offset, flat values)`` chunk of a safetensors slice's flattened tensor that covers [start, stop): only
     the rows that hold it are read."""
@@ -126,7 +108,7 @@ def build_partitioned(args: ModelArgs, ds_config: dict, topo: Topology, seed: in
     init_deepspeed_comm(topo)
     # torch's own F.linear (mem_efficient_linear would swap in DeepSpeed's, whose rounding differs from the
     # whole-model build)
-    with _no_default_init(), _PartitionOnly(config_dict_or_path=ds_config, mem_efficient_linear=False):
+    with _no_default_init(), partition_only_init(config_dict_or_path=ds_config, mem_efficient_linear=False):
         model = Llama(args)
     model.tie_weights()
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
@@ -176,20 +158,14 @@ def build_meta(args: ModelArgs) -> Llama:
 
 def tp_shards(model: torch.nn.Module) -> dict[str, tuple[int, int, int, tuple[int, ...]]]:
     """``name -> (dim, start, size, full shape)`` of every parameter DeepSpeed's AutoTP sharded, read from the layers
-    it put in place: column-parallel ``LinearLayer`` splits weight and bias by rows, row-parallel ``LinearAllreduce``
-    splits the weight by columns (its bias is replicated), each into the sizes it froze for the layer
-    (``_partition_sizes``, heads kept whole), shard ``tp_index`` on this rank."""
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
-
+    it put in place (``autotp_shard_spec``: column-parallel layers split by rows, row-parallel ones by columns, each
+    into the sizes AutoTP froze for the layer, shard ``tp_index`` on this rank)."""
     shards = {}
     for mname, m in model.named_modules():
-        if isinstance(m, LinearAllreduce):
-            dims = {"weight": (1, m._orig_weight_shape)}
-        elif isinstance(m, LinearLayer):
-            dims = {"weight": (0, m._orig_weight_shape), "bias": (0, m._orig_bias_shape)}
-        else:
+        spec = autotp_shard_spec(m)
+        if spec is None:
             continue
-        sizes, r = tuple(m._partition_sizes), m.tp_index
+        sizes, r, dims = spec
         for pname, (dim, full) in dims.items():
             p = getattr(m, pname, None)
             if p is None:
@@ -246,8 +222,6 @@ def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: in
     """After AutoTP sharded the meta model: give every parameter this rank's values, the shard of a sharded one and
     the whole of a replicated one, from ``seed`` (``init_weights``' stream, the single-process numbers) or from
     ``weights(name)``, a safetensors slice of which only the shard's rows or columns are read."""
-    from deepspeed.utils.debug import debug_extract_module_and_param_names
-
     shards = tp_shards(model)
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
     for module in model.modules():
@@ -273,4 +247,4 @@ def fill_tp_shards(model: Llama, args: ModelArgs, device: torch.device, seed: in
                 value = _drawn_shard(full, dim, start, size, args.init_std, gen, scratch)
             _materialize(p, value.to(device=device, dtype=torch.float32).contiguous(), owners[id(p)])
     model.inv_freq = rope_inv_freq(args).to(device)
-    debug_extract_module_and_param_names(model)  # DeepSpeed's names of the parameters, now the real ones
+    record_param_names(model)  # DeepSpeed's names of the parameters, now the real ones

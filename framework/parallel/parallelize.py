@@ -18,24 +18,15 @@ from collections.abc import Callable
 import torch
 
 from framework.config import ParallelConfig, TrainerConfig
-from framework.parallel.distributed import unlink_deepspeed_shm
+from framework.parallel.deepspeed_hooks import (
+    after_autotp,
+    comm_has_shm_allreduce,
+    comm_initialized,
+    init_tp_mesh,
+    unlink_deepspeed_shm,
+)
 from framework.parallel.topology import Topology
-
-# Column-parallel: split the output features (and their bias); row-parallel: split the input features and
-# all-reduce the output. These are Megatron's choices for a Llama block, expressed as AutoTP patterns.
-COLUMN_PARALLEL = r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$"
-ROW_PARALLEL = r".*\.(o_proj|down_proj)\.weight$"
-
-
-def tp_partition_dim(name: str) -> int | None:
-    """Which dim of parameter ``name`` is split under tensor parallelism (None: replicated)."""
-    import re
-
-    if re.match(COLUMN_PARALLEL, name):
-        return 0
-    if re.match(ROW_PARALLEL, name):
-        return 1
-    return None
+from framework.weights.layout import COLUMN_PARALLEL, ROW_PARALLEL
 
 
 def accumulation_steps(topo: Topology, trainer: TrainerConfig) -> int:
@@ -97,9 +88,8 @@ def init_deepspeed_comm(topo: Topology) -> None:
     segment (the op opens all of them before it returns), each rank removes its name (``unlink_deepspeed_shm``).
     """
     import deepspeed
-    import deepspeed.comm.comm as ds_comm
 
-    fresh = ds_comm.cdb is None  # a later call finds the segments dealt with
+    fresh = not comm_initialized()  # a later call finds the segments dealt with
     with contextlib.redirect_stdout(sys.stdout if topo.is_rank0 else io.StringIO()):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     if not fresh:
@@ -107,33 +97,8 @@ def init_deepspeed_comm(topo: Topology) -> None:
     world = torch.distributed.get_world_size()
     if world > 1:
         torch.distributed.barrier()  # on every rank, whatever each one's op did
-    if getattr(ds_comm.cdb, "shm_comm_op", None) is not None and os.environ.get("LOCAL_SIZE") == str(world):
+    if comm_has_shm_allreduce() and os.environ.get("LOCAL_SIZE") == str(world):
         unlink_deepspeed_shm(os.environ.get("MASTER_PORT", ""))
-
-
-@contextlib.contextmanager
-def _after_autotp(model: torch.nn.Module, materialize: Callable[[torch.nn.Module], None]):
-    """Run ``materialize(model)`` inside ``deepspeed.initialize`` right after AutoTP has sharded ``model`` (built on
-    the meta device) and before ZeRO wraps it: DeepSpeed 0.19 shards in ``DeepSpeedEngine._configure_tensor_parallel``
-    (its AutoTP keeps meta tensors meta) and has no public hook there."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = getattr(DeepSpeedEngine, "_configure_tensor_parallel", None)
-    if original is None:
-        raise RuntimeError("this DeepSpeed has no DeepSpeedEngine._configure_tensor_parallel: tensor-parallel "
-                           "training needs DeepSpeed 0.18-0.19")
-
-    def configure(engine, module, tp_config):
-        sources = original(engine, module, tp_config)
-        if module is model:
-            materialize(module)
-        return sources
-
-    DeepSpeedEngine._configure_tensor_parallel = configure
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._configure_tensor_parallel = original
 
 
 def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: TrainerConfig, topo: Topology,
@@ -148,7 +113,7 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
     # 1. Tensor parallelism: build the (dp, tp) mesh first so DeepSpeed counts batch sizes over dp, not the world;
     #    AutoTP then shards the matched parameters inside deepspeed.initialize (and ``materialize`` fills them).
     if topo.tp > 1:
-        groups._init_tp_mesh_device(tensor_model_parallel_size=topo.tp)
+        init_tp_mesh(topo.tp)
     # 2. Activation checkpointing, applied per decoder layer inside the model's forward.
     model.activation_checkpointing = parallel.activation_checkpointing
     # 3. ZeRO.
@@ -161,7 +126,7 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, trainer: Train
         return torch.optim.AdamW(param_groups(model, trainer.weight_decay), lr=trainer.lr,
                                  betas=(trainer.beta1, trainer.beta2), eps=trainer.eps, fused=on_cuda or None)
 
-    with _after_autotp(model, materialize) if materialize else contextlib.nullcontext():
+    with after_autotp(model, materialize) if materialize else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=adamw,

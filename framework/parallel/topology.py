@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from framework.cli import UserError
+from framework.weights.layout import check_stage_count
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,6 @@ def build_topology(world_size: int, rank: int, tp: int = 1, pp: int = 1, n_heads
         )
     if ffn_dim is not None and ffn_dim % tp != 0:
         raise UserError(f"{key}={tp} does not divide the MLP size {ffn_dim}: pick a divisor of {ffn_dim}")
-    if n_layers is not None and pp > n_layers:
-        raise UserError(f"pp={pp} stages is more than the model's {n_layers} layers: use infer.pp <= {n_layers}")
+    if n_layers is not None:
+        check_stage_count(pp, n_layers)
     return Topology(world_size=world_size, tp=tp, pp=pp, rank=rank)

@@ -85,8 +85,6 @@ def _inference(cfg, dev: Device) -> tuple[list[str], dict, str | None]:
     i, args = cfg.infer, cfg.model
     build_topology(i.pp * i.tp, 0, tp=i.tp, pp=i.pp, n_heads=args.n_heads, n_kv_heads=args.kv_heads,
                    ffn_dim=args.ffn_dim, n_layers=args.n_layers)
-    if i.split and (len(i.split) != i.pp or sum(i.split) != args.n_layers):
-        raise UserError(f"infer.split={list(i.split)} must list {i.pp} stages summing to {args.n_layers} layers")
     dtype = i.dtype or "bf16"
     plan = plan_inference(args, dev, pp=i.pp, tp=i.tp, max_batch=i.max_batch, max_len=i.max_seq_len, dtype=dtype,
                           quant=i.quant, quant_group_size=i.quant_group_size, prefill_chunk=i.prefill_chunk,

@@ -13,17 +13,11 @@ from dataclasses import dataclass
 
 from framework.models.llama import ModelArgs
 from framework.plan.devices import Device
+from framework.weights.dtypes import element_bytes
+from framework.weights.layout import split_layers
 
 GiB = 2**30
-DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 QUANT_BYTES = {None: None, "int8": 1.0, "int4": 0.5}
-
-
-def split_layers(n_layers: int, pp: int, split: list[int] | None = None) -> list[int]:
-    if split:
-        return list(split)
-    base, extra = divmod(n_layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]
 
 
 @dataclass
@@ -63,7 +57,7 @@ def plan_inference(args: ModelArgs, dev: Device, pp: int = 1, tp: int = 1, max_b
                    max_len: int | None = None, dtype: str = "bf16", quant: str | None = None,
                    quant_group_size: int = 128, prefill_chunk: int = 512, memory_utilization: float = 0.9,
                    split: list[int] | None = None, runtime_gib: float = 1.0) -> InferPlan:
-    e = DTYPE_BYTES[dtype]
+    e = float(element_bytes(dtype, "infer.dtype"))
     mat = QUANT_BYTES[quant] if quant else e
     if quant == "int4":
         mat += 2.0 / quant_group_size  # one bf16 scale a group
@@ -72,7 +66,7 @@ def plan_inference(args: ModelArgs, dev: Device, pp: int = 1, tp: int = 1, max_b
     layer_matrices = (h * args.n_heads * hd * 2 + h * kv * hd * 2 + 3 * h * f) / tp
     layer_bytes = layer_matrices * mat + 2 * h * e + (args.n_heads * hd + 2 * kv * hd) / tp * e * args.qkv_bias
     vocab_bytes = args.vocab_size * h * e / tp
-    layers = split_layers(args.n_layers, pp, split)
+    layers = [len(stage) for stage in split_layers(args.n_layers, pp, split)]
     budget = dev.memory_gib * GiB * memory_utilization
     stages = []
     for i, n in enumerate(layers):

@@ -50,13 +50,9 @@ def with_distill_from(cfg):
 
 def resolve_target_dir(src: str) -> str:
     """The export directory of ``trainer.distill_from`` (an export, or a run directory with export/)."""
-    import os
+    from framework.checkpoint.resolve import resolve_export_dir
 
-    for d in (src, os.path.join(src, "export")):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    raise UserError(f"trainer.distill_from={src}: no config.json there nor in its export/: point it at an export "
-                    "(python -m framework.export makes one from a checkpoint)")
+    return resolve_export_dir(src, key="trainer.distill_from")
 
 
 class Distiller:
@@ -98,8 +94,9 @@ def build_distiller(cfg, device: torch.device, dtype: torch.dtype, student_vocab
     src = cfg.trainer.distill_from
     if not src:
         return None
-    from framework.models.hf import from_hf_config, load_hf_weights, read_hf_config
+    from framework.models.hf import from_hf_config, read_hf_config
     from framework.parallel.materialize import build_in_dtype
+    from framework.weights.io import load_hf_weights
 
     target_dir = resolve_target_dir(src)
     args = from_hf_config(read_hf_config(target_dir), name="distill-target")

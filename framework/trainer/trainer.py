@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoint.export import PRECISION_DTYPES, export_from_module
+from framework.checkpoint.export import export_from_module
 from framework.checkpoint.faults import maybe_fail
 from framework.checkpoint.manager import CheckpointManager, model_shape, restore_rng
 from framework.checkpoint.universal import UniversalReader, load_universal_optimizer, load_universal_weights
@@ -27,8 +27,9 @@ from framework.data.dataset import TokenData, planned_tokenizer, prepare_data
 from framework.data.loader import ShardedLoader
 from framework.data.packing import as_batch, resolve_packing
 from framework.data.sources import validate_data_config
-from framework.models.hf import from_hf_config, has_tokenizer, hf_slice_reader, load_hf_weights, read_hf_config
+from framework.models.hf import from_hf_config, has_tokenizer, read_hf_config
 from framework.models.llama import ModelArgs, build_model
+from framework.parallel.deepspeed_hooks import tensor_parallel_group
 from framework.parallel.distributed import barrier, init_distributed, pick_device
 from framework.parallel.materialize import build_in_dtype, build_meta, build_partitioned, builds_partitioned, fill_tp_shards
 from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
@@ -38,6 +39,8 @@ from framework.trainer.evaluate import evaluate
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
 from framework.trainer.loss import global_divisor, lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
 from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, warmup_cosine
+from framework.weights.dtypes import PRECISION_DTYPES
+from framework.weights.io import hf_slice_reader, load_hf_weights
 
 __all__ = ["PRECISION_DTYPES", "model_shape", "train", "validate", "resolve_model_args", "export_engine"]
 
@@ -160,9 +163,7 @@ def export_engine(engine, cfg: TrainConfig, args: ModelArgs, topo: Topology, out
 
 
 def tp_group(topo: Topology):
-    from deepspeed.utils import groups
-
-    return groups.get_tensor_model_parallel_group() if topo.tp > 1 else None
+    return tensor_parallel_group(topo.tp)
 
 
 def null_step(engine, t: TrainerConfig, device: torch.device) -> None:
@@ -381,6 +382,89 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device)
 
 
+@dataclass
+class Window:
+    """What the loop counts between logged steps: tokens and time for the throughput, and (fine-tuning) this
+    rank's counted and correctly predicted targets, kept on the device so the host waits only at logged steps."""
+
+    right: torch.Tensor
+    seen: torch.Tensor
+    counted_from: int  # the logged step the counts start after
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def restart(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+
+def train_step(job: Job, engine, data: TokenData, loader: ShardedLoader, gas: int, window: Window):
+    """One optimizer step over the next global batch, micro batch by micro batch. Returns the sum of the micro
+    losses (on the device) and the learning rate the step used."""
+    t, device = job.cfg.trainer, job.device
+    batch = to_device(as_batch(loader.next_batch()), device)
+    lr = engine.get_lr()[0]
+    loss_sum = torch.zeros((), device=device)
+    # masked or packed rows: each micro loss is a sum over the global batch's counted targets (loss.py)
+    divisor = global_divisor(batch.targets, gas) if batch.counts_selectively else None
+    for micro in batch.split(t.micro_batch_size):
+        logits = engine(micro.inputs, **micro.kwargs)
+        if job.distiller is not None:  # trainer.distill_from: KL to the frozen target's logits instead
+            loss = job.distiller.loss(logits, micro.inputs, micro.targets, divisor, **micro.kwargs)
+        else:
+            loss = lm_loss(logits, micro.targets, divisor)
+        if data.fine_tuning:
+            counted = micro.targets != -100
+            window.right += ((logits.detach().argmax(-1) == micro.targets) & counted).sum()
+            window.seen += counted.sum()
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()
+    return loss_sum, lr
+
+
+def token_counts(job: Job, step: int, window: Window) -> dict:
+    """Fine-tuning: the targets the loss counted per step since the last log, and the share the model predicts."""
+    dist.all_reduce(window.right)
+    dist.all_reduce(window.seen)
+    counts = {"tokens_counted": int(window.seen.item()) // job.topo.tp // (step - window.counted_from),
+              "token_accuracy": window.right.item() / max(1, window.seen.item())}
+    window.right.zero_()
+    window.seen.zero_()
+    window.counted_from = step
+    return counts
+
+
+def step_metrics(job: Job, engine, data: TokenData, step: int, loss_avg: torch.Tensor, lr: float, window: Window,
+                 tokens_seen: int, flops_per_token: float, peak: float | None) -> dict:
+    """A logged step's metrics: the loss averaged over every rank (refused when not finite), throughput, MFU."""
+    device = job.device
+    dist.all_reduce(loss_avg)
+    loss_value = loss_avg.item() / job.world  # tp ranks hold equal losses: the mean over dp
+    if not math.isfinite(loss_value):
+        raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
+    elapsed = time.perf_counter() - window.start
+    tps = window.tokens / max(elapsed, 1e-9)
+    gn = engine.get_global_grad_norm()
+    # the tokens the loss counted, and how many of them the model predicts
+    extra = token_counts(job, step, window) if data.fine_tuning else {}
+    return {
+        **extra, "step": step, "loss": loss_value, "lr": lr,
+        "grad_norm": float(gn) if gn is not None else None,
+        "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
+        "tflops_per_device": flops_per_token * tps / job.world / 1e12,
+        "mfu": (flops_per_token * tps / job.world / (peak * 1e12)) if peak else None,
+        "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
+    }
+
+
+def evaluate_now(job: Job, engine, data: TokenData, step: int, logger) -> dict:
+    """Held-out metrics at ``step``, logged and written."""
+    ev = {"step": step, **evaluate(engine.module, data, job.cfg.trainer, job.device)}
+    logger.log(ev)
+    logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
+    return ev
+
+
 def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoader, start_step: int,
          tokens_seen: int) -> tuple[int, dict]:
     """Train from ``start_step`` to ``trainer.stop_at`` (or max_steps), logging, evaluating and saving on the way.
@@ -396,78 +480,32 @@ def loop(job: Job, engine, data: TokenData, args: ModelArgs, loader: ShardedLoad
                           run_config=OmegaConf.to_container(OmegaConf.structured(cfg)), run_name=cfg.name)
     last: dict = {}
     step = start_step
-    window_tokens, window_start = 0, time.perf_counter()
     stop = t.stop_at or t.max_steps
     step_tokens = t.global_batch_size * t.seq_len
-    right = torch.zeros((), dtype=torch.int64, device=device)  # fine-tuning: correct and counted targets since
-    seen = torch.zeros((), dtype=torch.int64, device=device)  # the last logged step (this rank)
-    counted_from, extra = start_step, {}
+    window = Window(torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device),
+                    start_step)
     engine.train()
     try:  # the loggers close (wandb finishes, TensorBoard flushes) even when a step raises
         while step < stop:
-            batch = to_device(as_batch(loader.next_batch()), device)
-            lr = engine.get_lr()[0]
-            loss_sum = torch.zeros((), device=device)
-            # masked or packed rows: each micro loss is a sum over the global batch's counted targets (loss.py)
-            divisor = global_divisor(batch.targets, gas) if batch.counts_selectively else None
-            for micro in batch.split(t.micro_batch_size):
-                logits = engine(micro.inputs, **micro.kwargs)
-                if job.distiller is not None:  # trainer.distill_from: KL to the frozen target's logits instead
-                    loss = job.distiller.loss(logits, micro.inputs, micro.targets, divisor, **micro.kwargs)
-                else:
-                    loss = lm_loss(logits, micro.targets, divisor)
-                if data.fine_tuning:
-                    counted = micro.targets != -100
-                    right += ((logits.detach().argmax(-1) == micro.targets) & counted).sum()
-                    seen += counted.sum()
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
+            loss_sum, lr = train_step(job, engine, data, loader, gas, window)
             step += 1
             tokens_seen += step_tokens
-            window_tokens += step_tokens
+            window.tokens += step_tokens
             logger.advance()
             if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1 or step == stop:
-                loss_avg = loss_sum / gas
-                dist.all_reduce(loss_avg)
-                loss_value = loss_avg.item() / job.world  # tp ranks hold equal losses: the mean over dp
-                if not math.isfinite(loss_value):
-                    raise UserError(f"loss became {loss_value} at step {step}: lower trainer.lr or use fp32/bf16")
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / max(elapsed, 1e-9)
-                gn = engine.get_global_grad_norm()
-                if data.fine_tuning:  # the tokens the loss counted, and how many of them the model predicts
-                    dist.all_reduce(right)
-                    dist.all_reduce(seen)
-                    tp = job.topo.tp
-                    extra = {"tokens_counted": int(seen.item()) // tp // (step - counted_from),
-                             "token_accuracy": right.item() / max(1, seen.item())}
-                    right.zero_()
-                    seen.zero_()
-                    counted_from = step
-                last = {
-                    **extra, "step": step, "loss": loss_value, "lr": lr,
-                    "grad_norm": float(gn) if gn is not None else None,
-                    "tokens_per_s": tps, "tokens_per_s_per_device": tps / job.world,
-                    "tflops_per_device": flops_per_token * tps / job.world / 1e12,
-                    "mfu": (flops_per_token * tps / job.world / (peak * 1e12)) if peak else None,
-                    "peak_mem_gb": peak_memory_gb(device), "tokens_seen": tokens_seen,
-                }
+                last = step_metrics(job, engine, data, step, loss_sum / gas, lr, window, tokens_seen,
+                                    flops_per_token, peak)
                 logger.log(last)
-                window_tokens, window_start = 0, time.perf_counter()
+                window.restart()
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                ev = {"step": step, **evaluate(engine.module, data, t, device)}
-                logger.log(ev)
-                logger.write("[eval] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in ev.items()))
-                last.update(ev)
-                window_start = time.perf_counter()  # evaluation is not training throughput
+                last.update(evaluate_now(job, engine, data, step, logger))
+                window.start = time.perf_counter()  # evaluation is not training throughput
             maybe_fail("step", step)
             save_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
             save_end = step == stop and (cfg.checkpoint.save_final or step < t.max_steps)
             if save_now or save_end:
                 save(job, engine, args, loader, step, tokens_seen, logger)
-                window_start = time.perf_counter()
+                window.start = time.perf_counter()
     finally:
         logger.close()
     return step, last

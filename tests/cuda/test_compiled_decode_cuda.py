@@ -26,12 +26,12 @@ def model_path(tmp_path_factory):
 
 
 def build(path: str, compiled: bool, max_batch: int):
-    """An engine at pp=1 built as framework.generate builds it (runner.build_engine), fp32 on the GPU."""
+    """An engine at pp=1 built as framework.generate builds it (startup.build_engine), fp32 on the GPU."""
     from framework.config import GenerateConfig
     from framework.data.tokenizer import load_tokenizer
     from framework.infer.loader import read_model_args
     from framework.infer.plan import plan_stages
-    from framework.infer.runner import build_engine
+    from framework.infer.startup import build_engine
 
     inf = GenerateConfig().infer
     inf.max_batch, inf.compile, inf.dtype, inf.device, inf.progress = max_batch, compiled, "fp32", "cuda", False

@@ -158,8 +158,9 @@ def test_int4_head_rows_the_kernel_cannot_run_are_refused(tmp_path):
     from framework.compress.quantize import load_quantized
     from framework.compress.run import compress
     from framework.config import CompressConfig, QuantConfig
-    from framework.infer.loader import read_hf_config, read_model_args, vocab_range
+    from framework.infer.loader import read_hf_config, read_model_args
     from framework.models.llama import Llama
+    from framework.weights.layout import vocab_range
     from tests.helpers import make_hf_model
 
     src = tmp_path / "hf"

@@ -29,8 +29,8 @@ def test_transformers_loads_export(exports):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from framework.infer.loader import read_model_args
-    from framework.models.hf import load_hf_weights
     from framework.models.llama import build_model
+    from framework.weights.io import load_hf_weights
 
     path = exports["tp2"]
     index = json.loads((path / "model.safetensors.index.json").read_text())

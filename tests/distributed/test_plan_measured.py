@@ -36,9 +36,9 @@ def cpu_sdpa_is_flash(args) -> bool:
     """Whether CPU SDPA runs a flash kernel (saving no (T, T) probabilities) for this model's causal attention, as a
     fresh process (the training run's) sees it: inside the whole suite the pytest process itself once answered the
     math kernel (state left by an earlier in-process test), planning 0.25 GiB of probabilities the run never held."""
-    code = ("import torch; q = torch.zeros(1, %d, 64, %d); kv = torch.zeros(1, %d, 64, %d); "
-            "print(int(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=%s) != 0))"
-            % (args.n_heads, args.head_dim, args.kv_heads, args.head_dim, args.kv_heads != args.n_heads))
+    h, d, kvh = args.n_heads, args.head_dim, args.kv_heads
+    code = (f"import torch; q = torch.zeros(1, {h}, 64, {d}); kv = torch.zeros(1, {kvh}, 64, {d}); "
+            f"print(int(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa={kvh != h}) != 0))")
     out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True)
     return out.stdout.strip() == "1"
 

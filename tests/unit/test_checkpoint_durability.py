@@ -278,7 +278,7 @@ def bits(path: pathlib.Path) -> int:
 
 
 def test_a_crash_while_compressing_keeps_the_previous_output(hf_dir, tmp_path, monkeypatch):
-    import framework.compress.format as fmt
+    import framework.weights.shards as shards
 
     out = tmp_path / "out"
     compress_to(hf_dir, out, "int8")
@@ -288,7 +288,7 @@ def test_a_crash_while_compressing_keeps_the_previous_output(hf_dir, tmp_path, m
         raise RuntimeError("killed while writing shards")
 
     with monkeypatch.context() as m:
-        m.setattr(fmt, "write_shards", crash_writing)
+        m.setattr(shards, "write_shards", crash_writing)
         with pytest.raises(RuntimeError, match="killed while writing"):
             compress_to(hf_dir, out, "int4")
     assert snapshot(out) == before and bits(out) == 8

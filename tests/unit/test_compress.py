@@ -13,6 +13,7 @@ from framework.compress import format as fmt
 from framework.compress.prune import Sparsity, is_n_m, parse_sparsity, prune_mask
 from framework.compress.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_linears
 from framework.config import CalibConfig, CompressConfig, QuantConfig
+from framework.weights.io import pack_int32, unpack_int32
 
 # The kernels take activations in bf16 (framework/compress/quantize.py) and return bf16 products: against the
 # fp32 product with the same dequantized weights, the error is bf16 rounding, a few 2**-8 of the output's scale.
@@ -75,7 +76,7 @@ def test_int4_uses_integer_zero_points_and_int8_is_symmetric():
     w = torch.randn(32, 64) + 0.5  # skewed groups: an asymmetric range helps
     q, scale, zp = quantize_int4(w, 32)
     assert q.dtype == zp.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and zp.abs().max() <= 8
-    err_asym = (fmt.unpack_int32(fmt.pack_int32(q, 4), 4, 64).float() - zp.float().repeat_interleave(32, 1)) * \
+    err_asym = (unpack_int32(pack_int32(q, 4), 4, 64).float() - zp.float().repeat_interleave(32, 1)) * \
         scale.repeat_interleave(32, 1) - w
     q_s, s_s, _ = quantize_int4(w, 32, symmetric=True)
     err_sym = q_s.float() * s_s.repeat_interleave(32, 1) - w
@@ -88,9 +89,9 @@ def test_int4_uses_integer_zero_points_and_int8_is_symmetric():
 def test_pack_unpack_round_trip(bits, dim):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
     q = torch.randint(lo, hi, (24, 40), dtype=torch.int8)
-    packed = fmt.pack_int32(q, bits, dim)
+    packed = pack_int32(q, bits, dim)
     assert packed.dtype == torch.int32
-    assert torch.equal(fmt.unpack_int32(packed, bits, q.shape[dim], dim), q)
+    assert torch.equal(unpack_int32(packed, bits, q.shape[dim], dim), q)
 
 
 def test_quantize_linears_skips_head_and_tied_weights():
@@ -170,7 +171,7 @@ def reference_logits(src, method, tokens, group_size=32):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_export_loads_through_engine_loader(hf_dir, tmp_path, method):
-    from framework.compress.evaluate import load_for_eval
+    from framework.evaluation.perplexity import load_for_eval
     from framework.infer.worker import forward_logits
 
     out = compress_to(hf_dir, tmp_path / method, method, group_size=32)
@@ -226,7 +227,7 @@ def test_pruned_exports_are_dense_and_sparse(hf_dir, tmp_path):
             tensors.update(load_file(os.path.join(out, f)))
     assert is_n_m(tensors["model.layers.0.mlp.down_proj.weight"]) and tensors["lm_head.weight"].ne(0).all()
     mag = compress_to(hf_dir, tmp_path / "m50", "magnitude", sparsity=0.5)
-    from framework.compress.evaluate import load_for_eval
+    from framework.evaluation.perplexity import load_for_eval
 
     weights, _ = load_for_eval(mag, "fp32")  # a plain export: loads as one
     assert type(weights.layers[0].qkv) is not Int8Linear

@@ -4,8 +4,9 @@ import pytest
 import torch
 import transformers
 
-from framework.models.hf import from_hf_config, load_hf_weights, to_hf_config
+from framework.models.hf import from_hf_config, to_hf_config
 from framework.models.llama import ModelArgs, build_model
+from framework.weights.io import load_hf_weights
 
 
 def hf_twin(args: ModelArgs):

@@ -6,8 +6,8 @@ import torch
 from framework.cli import UserError, explain_compose_error, strip_launcher_args
 from framework.data.loader import ShardedLoader
 from framework.data.synthetic import make_examples
-from framework.infer.plan import split_layers
 from framework.parallel.topology import build_topology
+from framework.weights.layout import split_layers
 
 
 def test_topology_layout_and_errors():

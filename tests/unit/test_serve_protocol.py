@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from framework.infer.server.detok import IncrementalText
+from framework.infer.detok import IncrementalText
 from framework.infer.server.protocol import APIError, Defaults, decode_body, json_depth, parse_request, render_chat
 
 

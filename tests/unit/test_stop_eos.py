@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from framework.infer.runner import read_eos_ids
+from framework.infer.detok import StopScanner, TextStream
 from framework.infer.sampler import SamplingParams
 from framework.infer.scheduler import Request, Scheduler
-from framework.infer.server.detok import StopScanner, TextStream
+from framework.infer.startup import read_eos_ids
 
 TEXTS = ["hello world, the quick brown fox", "héllo wörld 你好 🙂 ok", "a STOP b", "naïve café 日本語 テキスト 👍🏽"]
 

@@ -100,60 +100,22 @@ def merge_logprobs(parts: list[dict | None]) -> dict | None:
     return {k: [x for p in parts for x in p[k]] for k in parts[0]}
 
 
-def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
-    """The ASGI application (FastAPI wrapped in the status-counting middleware)."""
+class Routes:
+    """The generation handlers and what they share: the bridge to the engine and the served model."""
 
-    app = FastAPI(title="Miaotui", docs_url=None, redoc_url=None, openapi_url=None)
-    with open(os.path.join(STATIC, "playground.html"), encoding="utf-8") as f:
-        page = f.read()
+    def __init__(self, bridge: EngineBridge, model: ServedModel):
+        self.bridge, self.model = bridge, model
 
-    @app.exception_handler(P.APIError)
-    async def api_error(_request, exc: P.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse(P.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    def authorize(request: Request) -> None:
-        if not model.api_key:
+    def authorize(self, request: Request) -> None:
+        if not self.model.api_key:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {model.api_key}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.model.api_key}".encode()):
             raise P.APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        status = "dead" if bridge.dead else "draining" if bridge.draining else "ok"
-        body = {"status": status, "model": model.name, "auth": bool(model.api_key), "pid": os.getpid()}
-        if bridge.dead:
-            body["reason"] = bridge.dead
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        data, kind = metrics.exposition()
-        return Response(data, media_type=kind)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": model.created,
-                                            "owned_by": "miaotui", "max_model_len": model.max_len}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generate(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, chat=True)
-
-    def encode(spec: P.ParsedRequest) -> list[list[int]]:
+    def encode(self, spec: P.ParsedRequest) -> list[list[int]]:
+        """The request's prompts as token ids, each checked against the vocabulary and the KV slot length."""
+        model = self.model
         tok = model.tokenizer
         where = "messages" if spec.chat else "prompt"
         chars = spec.prompt_chars()
@@ -167,57 +129,68 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
             texts = [P.render_chat(tok, spec.messages, model.chat_template)]
         else:
             texts = spec.prompts
-        out = []
-        for p in texts:
-            if isinstance(p, list) and len(p) >= model.max_len:  # token ids: no need to look at each
-                raise P.APIError(400, f"the prompt has {len(p)} tokens but the context holds {model.max_len} "
-                                      f"(prompt and new tokens together): shorten the prompt", where)
-            ids = p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise P.APIError(400, "the prompt is empty (no tokens)", where)
-            bad = [t for t in ids if not 0 <= t < model.vocab]
-            if bad:
-                raise P.APIError(400, f"token id {bad[0]} is outside the vocabulary of {model.vocab}", where)
-            if len(ids) >= model.max_len:
-                raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {model.max_len} "
-                                      f"(prompt and new tokens together): shorten the prompt", where)
-            if spec.max_tokens is not None and len(ids) + spec.max_tokens > model.max_len:
-                raise P.APIError(400, f"the prompt has {len(ids)} tokens and max_tokens={spec.max_tokens}: together "
-                                      f"more than the context of {model.max_len} tokens: shorten the prompt or "
-                                      f"lower max_tokens", "max_tokens")
-            out.append(list(ids))
-        return out
+        return [self.encode_one(p, spec, where) for p in texts]
 
-    async def generate(request: Request, chat: bool):
-        arrival = time.perf_counter()
-        authorize(request)
-        body = P.decode_body(await _read_body(request, model.max_body_bytes))
-        spec = P.parse_request(body, chat, model.max_n, model.defaults, vocab=model.vocab)
-        if spec.model is not None and spec.model != model.name:
-            raise P.APIError(404, f"model '{spec.model[:80]}' is not served here: this server serves "
-                                  f"'{model.name}'", "model")
-        prompts = encode(spec)
-        seeds = spec.seeds()
+    def encode_one(self, p: str | list[int], spec: P.ParsedRequest, where: str) -> list[int]:
+        model = self.model
+        if isinstance(p, list) and len(p) >= model.max_len:  # token ids: no need to look at each
+            raise P.APIError(400, f"the prompt has {len(p)} tokens but the context holds {model.max_len} "
+                                  f"(prompt and new tokens together): shorten the prompt", where)
+        ids = p if isinstance(p, list) else model.tokenizer(p, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise P.APIError(400, "the prompt is empty (no tokens)", where)
+        bad = [t for t in ids if not 0 <= t < model.vocab]
+        if bad:
+            raise P.APIError(400, f"token id {bad[0]} is outside the vocabulary of {model.vocab}", where)
+        if len(ids) >= model.max_len:
+            raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {model.max_len} "
+                                  f"(prompt and new tokens together): shorten the prompt", where)
+        if spec.max_tokens is not None and len(ids) + spec.max_tokens > model.max_len:
+            raise P.APIError(400, f"the prompt has {len(ids)} tokens and max_tokens={spec.max_tokens}: together "
+                                  f"more than the context of {model.max_len} tokens: shorten the prompt or "
+                                  f"lower max_tokens", "max_tokens")
+        return list(ids)
+
+    def choices(self, spec: P.ParsedRequest, prompts: list[list[int]]) -> tuple[list[list[int]], list[SamplingParams]]:
+        """One engine request per choice: each prompt ``n`` times, with the same ``n`` seeds (drawn once)."""
         ids, params = [], []
+        seeds = spec.seeds()
         for p in prompts:
             for seed in seeds:
-                max_new = spec.max_tokens or min(model.default_max_tokens, model.max_len - len(p))
+                max_new = spec.max_tokens or min(self.model.default_max_tokens, self.model.max_len - len(p))
                 ids.append(p)
                 params.append(SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                                              repetition_penalty=spec.repetition_penalty, max_new_tokens=max_new,
                                              seed=seed, stop=spec.stop, ignore_eos=spec.ignore_eos,
                                              logprobs=spec.logprobs,
                                              prompt_logprobs=spec.logprobs if spec.echo else None))
-        handle = bridge.submit(ids, params, spec.stream, arrival)
+        return ids, params
+
+    async def generate(self, request: Request, chat: bool):
+        arrival = time.perf_counter()
+        self.authorize(request)
+        body = P.decode_body(await _read_body(request, self.model.max_body_bytes))
+        spec = P.parse_request(body, chat, self.model.max_n, self.model.defaults, vocab=self.model.vocab)
+        if spec.model is not None and spec.model != self.model.name:
+            raise P.APIError(404, f"model '{spec.model[:80]}' is not served here: this server serves "
+                                  f"'{self.model.name}'", "model")
+        prompts = self.encode(spec)
+        ids, params = self.choices(spec, prompts)
+        handle = self.bridge.submit(ids, params, spec.stream, arrival)
         rid, created = P.new_id(chat), P.now()
         prompt_tokens = sum(len(p) for p in prompts)
         echoes = [Echo(p, spec.prompts[i // spec.n] if not spec.chat and isinstance(spec.prompts[i // spec.n], str)
                        else None) for i, p in enumerate(ids)] if spec.echo else None
         if spec.stream:
-            return StreamingResponse(stream(handle, spec, rid, created, prompt_tokens, echoes),
+            return StreamingResponse(self.stream(handle, spec, rid, created, prompt_tokens, echoes),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        waiter = asyncio.ensure_future(collect(handle))
+        return await self.answer(request, handle, spec, rid, created, prompt_tokens, echoes)
+
+    async def answer(self, request: Request, handle: Handle, spec: P.ParsedRequest, rid: str, created: int,
+                     prompt_tokens: int, echoes: list[Echo] | None):
+        """The whole answer once every choice has finished; a client that leaves first cancels its choices."""
+        waiter = asyncio.ensure_future(self.collect(handle))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -225,7 +198,7 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
             gone.cancel()
             if not waiter.done():
                 waiter.cancel()
-                bridge.cancel(handle)
+                self.bridge.cancel(handle)
         if not waiter.done() or waiter.cancelled():
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         results = waiter.result()
@@ -234,15 +207,16 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
             ev, offset, text = results[i], 0, results[i].text
             parts = []
             if echoes:  # the prompt first: its text, and its tokens' entries when logprobs are asked for
-                head, offset = echo_part(echoes[i], ev, spec)
-                text = echoes[i].text(model.tokenizer) + text
+                head, offset = self.echo_part(echoes[i], ev, spec)
+                text = echoes[i].text(self.model.tokenizer) + text
                 parts.append(head)
-            parts.append(logprobs_part(spec, ev, offset))
+            parts.append(self.logprobs_part(spec, ev, offset))
             choices.append((text, ev.finish_reason, merge_logprobs(parts)))
         completion = sum(results[i].n_tokens for i in range(len(handle.jobs)))
         drafts = [results[i].drafts for i in range(len(handle.jobs)) if results[i].drafts]
-        return P.response(rid, chat, model.name, created, choices, P.usage(prompt_tokens, completion, drafts))
+        return P.response(rid, spec.chat, self.model.name, created, choices, P.usage(prompt_tokens, completion, drafts))
 
+    @staticmethod
     async def collect(handle: Handle) -> dict[int, Event]:
         results = {}
         while len(results) < len(handle.jobs):
@@ -253,25 +227,25 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                 results[ev.choice] = ev
         return results
 
-    def echo_part(echo: Echo, ev: Event, spec: P.ParsedRequest) -> tuple[dict | None, int]:
+    def echo_part(self, echo: Echo, ev: Event, spec: P.ParsedRequest) -> tuple[dict | None, int]:
         """The echoed prompt's logprobs object (None without logprobs) and the length of its text."""
-        text = echo.text(model.tokenizer)
+        text = echo.text(self.model.tokenizer)
         if spec.logprobs is None:
             return None, len(text)
         entries = [None] + list(ev.prompt_logprobs or [])
-        return P.completion_logprobs(model.tokenizer, echo.ids, entries[: len(echo.ids)]), len(text)
+        return P.completion_logprobs(self.model.tokenizer, echo.ids, entries[: len(echo.ids)]), len(text)
 
-    def logprobs_part(spec: P.ParsedRequest, ev: Event, offset: int) -> dict | None:
+    def logprobs_part(self, spec: P.ParsedRequest, ev: Event, offset: int) -> dict | None:
         """The logprobs object of an event's tokens (None when the request did not ask for logprobs)."""
         if spec.logprobs is None or ev.logprobs is None:
             return None
         if spec.chat:
-            return P.chat_logprobs(model.tokenizer, ev.token_ids, ev.logprobs)
-        return P.completion_logprobs(model.tokenizer, ev.token_ids, ev.logprobs, offset)
+            return P.chat_logprobs(self.model.tokenizer, ev.token_ids, ev.logprobs)
+        return P.completion_logprobs(self.model.tokenizer, ev.token_ids, ev.logprobs, offset)
 
-    async def stream(handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int,
+    async def stream(self, handle: Handle, spec: P.ParsedRequest, rid: str, created: int, prompt_tokens: int,
                      echoes: list | None = None):
-        chat, name = spec.chat, model.name
+        chat, name = spec.chat, self.model.name
         left, completion, drafts = len(handle.jobs), 0, []
         offsets: dict[int, int] = {}  # choice -> characters streamed so far (completions' text_offset)
         try:
@@ -294,20 +268,82 @@ def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
                         if ev.drafts:
                             drafts.append(ev.drafts)
                     if echoes and ev.choice not in offsets:  # the prompt comes back first, in a chunk of its own
-                        head, offsets[ev.choice] = echo_part(echoes[ev.choice], ev, spec)
+                        head, offsets[ev.choice] = self.echo_part(echoes[ev.choice], ev, spec)
                         parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice,
-                                                  echoes[ev.choice].text(model.tokenizer), None, logprobs=head)))
+                                                  echoes[ev.choice].text(self.model.tokenizer), None, logprobs=head)))
                     offset = offsets.get(ev.choice, 0)
                     offsets[ev.choice] = offset + len(ev.text)
                     if ev.text or ev.finish_reason is not None:
                         parts.append(_sse(P.chunk(rid, chat, name, created, ev.choice, ev.text, ev.finish_reason,
-                                                  logprobs=logprobs_part(spec, ev, offset))))
+                                                  logprobs=self.logprobs_part(spec, ev, offset))))
                 if parts:
                     yield "".join(parts)
             if spec.include_usage:
                 yield _sse(P.usage_chunk(rid, chat, name, created, P.usage(prompt_tokens, completion, drafts)))
             yield "data: [DONE]\n\n"
         finally:
-            bridge.cancel(handle)  # a no-op for the choices that finished
+            self.bridge.cancel(handle)  # a no-op for the choices that finished
 
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's (404, 405), as OpenAI-shaped JSON."""
+
+    @app.exception_handler(P.APIError)
+    async def api_error(_request, exc: P.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse(P.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+def add_info_routes(app: FastAPI, routes: Routes, metrics: ServerMetrics) -> None:
+    """The playground page, health, Prometheus metrics and the model list."""
+    bridge, model = routes.bridge, routes.model
+    with open(os.path.join(STATIC, "playground.html"), encoding="utf-8") as f:
+        page = f.read()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        status = "dead" if bridge.dead else "draining" if bridge.draining else "ok"
+        body = {"status": status, "model": model.name, "auth": bool(model.api_key), "pid": os.getpid()}
+        if bridge.dead:
+            body["reason"] = bridge.dead
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        data, kind = metrics.exposition()
+        return Response(data, media_type=kind)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        routes.authorize(request)
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": model.created,
+                                            "owned_by": "miaotui", "max_model_len": model.max_len}]}
+
+
+def add_generation_routes(app: FastAPI, routes: Routes) -> None:
+    """OpenAI's completions and chat completions."""
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await routes.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await routes.generate(request, chat=True)
+
+
+def build_app(bridge: EngineBridge, model: ServedModel, metrics: ServerMetrics):
+    """The ASGI application (FastAPI wrapped in the status-counting middleware)."""
+    app = FastAPI(title="Miaotui", docs_url=None, redoc_url=None, openapi_url=None)
+    routes = Routes(bridge, model)
+    add_error_handlers(app)
+    add_info_routes(app, routes, metrics)
+    add_generation_routes(app, routes)
     return StatusCounter(app, metrics)

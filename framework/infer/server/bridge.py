@@ -19,9 +19,9 @@ import queue
 import time
 from dataclasses import dataclass, field
 
+from framework.infer.detok import IncrementalText
 from framework.infer.sampler import SamplingParams
 from framework.infer.scheduler import Request
-from framework.infer.server.detok import IncrementalText
 from framework.infer.server.metrics import ServerMetrics
 from framework.infer.server.protocol import APIError
 

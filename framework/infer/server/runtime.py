@@ -114,8 +114,7 @@ def _say_error(message: str) -> None:
 def serve(cfg) -> int:
     """Start the server on this rank and run it until it stops; returns the exit code (0 after a graceful stop;
     a broken pipeline exits 1 from inside)."""
-    from framework.infer.runner import build_engine
-    from framework.infer.startup import check_engine_keys, start_stage_ranks
+    from framework.infer.startup import build_engine, check_engine_keys, start_stage_ranks
     from framework.parallel.distributed import broadcast_object
 
     cfg = as_serve_config(cfg)
@@ -172,94 +171,123 @@ def _run_follower(engine, rank: int) -> int:
     return 0
 
 
-def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, sock: socket.socket,
-               early: list[int]) -> int:
-    import uvicorn
-
-    from framework.infer.server.app import ServedModel, build_app
-    from framework.infer.server.bridge import EngineBridge
-    from framework.infer.server.metrics import ServerMetrics
+def served_model(cfg, st, slots: int, max_len: int, template: str | None):
+    """What the routes know of the model and the server's policy (server/app.py ``ServedModel``)."""
+    from framework.infer.server.app import ServedModel
     from framework.infer.server.protocol import Defaults
-    from framework.parallel.distributed import destroy
 
     inf, sc = cfg.infer, cfg.serve
-    name = sc.model_name or served_name(cfg.model_dir)
-    metrics = ServerMetrics(name, slots)
-    bridge = EngineBridge(engine.scheduler, st.tokenizer, metrics, slots, sc.max_queue)
-    model = ServedModel(
-        name=name, tokenizer=st.tokenizer, max_len=max_len, vocab=st.args.vocab_size,
-        default_max_tokens=sc.default_max_tokens or inf.max_new_tokens, max_n=sc.max_n,
+    return ServedModel(
+        name=sc.model_name or served_name(cfg.model_dir), tokenizer=st.tokenizer, max_len=max_len,
+        vocab=st.args.vocab_size, default_max_tokens=sc.default_max_tokens or inf.max_new_tokens, max_n=sc.max_n,
         defaults=Defaults(temperature=inf.temperature, top_p=inf.top_p, top_k=inf.top_k,
                           repetition_penalty=inf.repetition_penalty, stop=tuple(inf.stop), ignore_eos=inf.ignore_eos),
         chat_template=template, api_key=sc.api_key or os.environ.get("MIAOTUI_API_KEY") or None,
         created=int(time.time()), max_body_bytes=int(sc.max_body_mb * 2**20),
         max_prompt_chars=sc.max_prompt_chars or 32 * max_len, max_choices=slots + sc.max_queue)
-    server = uvicorn.Server(uvicorn.Config(build_app(bridge, model, metrics), log_level="warning", lifespan="off",
-                                           access_log=sc.log_requests, timeout_graceful_shutdown=None))
 
-    async def serve_http():
-        bridge.loop = asyncio.get_running_loop()
-        await server.serve(sockets=[sock])
 
-    http = threading.Thread(target=asyncio.run, args=(serve_http(),), name="http", daemon=True)
-    signals: list[float] = []  # when each stop came
+class HttpFront:
+    """Rank 0's HTTP side: uvicorn in a thread of its own on the bound socket, the bridge it feeds the engine
+    through, and the stop signals received (when each came)."""
 
-    def on_signal(sig, _frame):
+    def __init__(self, bridge, app, sock: socket.socket, sc):
+        import uvicorn
+
+        self.bridge, self.sock, self.sc = bridge, sock, sc
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                    access_log=sc.log_requests, timeout_graceful_shutdown=None))
+        self.http = threading.Thread(target=asyncio.run, args=(self._serve_http(),), name="http", daemon=True)
+        self.signals: list[float] = []
+
+    async def _serve_http(self) -> None:
+        self.bridge.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self.sock])
+
+    def on_signal(self, sig, _frame) -> None:
+        """Stop accepting and drain; a second stop (or one after the engine died) cuts the wait short."""
         now = time.monotonic()
-        if signals and now - signals[0] < REPEAT_S:  # the same stop, delivered twice
+        if self.signals and now - self.signals[0] < REPEAT_S:  # the same stop, delivered twice
             return
-        signals.append(now)
-        bridge.draining = True
-        server.should_exit = True
-        if len(signals) > 1 or bridge.dead:
-            server.force_exit = True
-        bridge.wake()
+        self.signals.append(now)
+        self.bridge.draining = True
+        self.server.should_exit = True
+        if len(self.signals) > 1 or self.bridge.dead:
+            self.server.force_exit = True
+        self.bridge.wake()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    http.start()
-    while not server.started:
-        if not http.is_alive():
-            raise UserError(f"the HTTP server did not start on {sc.host}:{sc.port}")
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    st.say(f"[miaotui] serving {name} on http://{host}:{port} (pid {os.getpid()}; {slots} KV slots of {max_len} "
-           f"tokens; queue {sc.max_queue}; API key {'required' if model.api_key else 'not required'})")
-    if early:
-        on_signal(early[0], None)
+    def start(self) -> None:
+        """Take SIGTERM and SIGINT, start the HTTP thread and wait until uvicorn listens."""
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self.http.start()
+        while not self.server.started:
+            if not self.http.is_alive():
+                raise UserError(f"the HTTP server did not start on {self.sc.host}:{self.sc.port}")
+            time.sleep(0.02)
 
-    def poll(idle: bool) -> bool:
-        if not http.is_alive():  # the HTTP side has ended: nothing more can come
-            bridge.draining = True
-        return bridge.poll(idle)
+    def poll(self, idle: bool) -> bool:
+        """The engine's poll between steps: new requests in, and a drain once the HTTP side has ended."""
+        if not self.http.is_alive():  # the HTTP side has ended: nothing more can come
+            self.bridge.draining = True
+        return self.bridge.poll(idle)
 
-    try:
-        engine.run(poll)
-    except Exception as exc:  # noqa: BLE001 - a rank died: answer 503 for a moment, then leave non-zero
+    def die(self, exc: Exception) -> None:
+        """A rank died: answer 503 for ``serve.dead_grace_s`` (or until a stop signal), then leave non-zero."""
         reason = f"a pipeline stage failed ({_short(exc)})"
         _say_error(f"rank 0: {reason}")
+        bridge, server = self.bridge, self.server
         if bridge.loop is not None:
             bridge.to_loop(bridge.fail_all, reason)
         else:
             bridge.dead = reason
-        end = time.monotonic() + sc.dead_grace_s
-        while time.monotonic() < end and not signals:
+        end = time.monotonic() + self.sc.dead_grace_s
+        while time.monotonic() < end and not self.signals:
             time.sleep(0.05)
         server.should_exit = server.force_exit = True
-        http.join(timeout=3)
+        self.http.join(timeout=3)
         sys.stderr.flush()
         os._exit(1)
-    bridge.flush()
-    # Whatever reached the bridge after the engine stopped cannot be served any more.
-    if bridge.loop is not None and http.is_alive():
-        bridge.to_loop(bridge.fail_all, "the server stopped")
-    server.should_exit = True
-    http.join(timeout=30)  # every answer is complete: only a client that reads slowly can hold the HTTP side
-    if http.is_alive():
-        server.force_exit = True
-        http.join(timeout=5)
+
+    def stop(self) -> None:
+        """After the engine stopped: fail what came too late, then let the HTTP thread finish its answers."""
+        bridge, server, http = self.bridge, self.server, self.http
+        bridge.flush()
+        # Whatever reached the bridge after the engine stopped cannot be served any more.
+        if bridge.loop is not None and http.is_alive():
+            bridge.to_loop(bridge.fail_all, "the server stopped")
+        server.should_exit = True
+        http.join(timeout=30)  # every answer is complete: only a client that reads slowly can hold the HTTP side
+        if http.is_alive():
+            server.force_exit = True
+            http.join(timeout=5)
+
+
+def _run_front(engine, slots: int, max_len: int, st, cfg, template: str | None, sock: socket.socket,
+               early: list[int]) -> int:
+    from framework.infer.server.app import build_app
+    from framework.infer.server.bridge import EngineBridge
+    from framework.infer.server.metrics import ServerMetrics
+    from framework.parallel.distributed import destroy
+
+    sc = cfg.serve
+    model = served_model(cfg, st, slots, max_len, template)
+    metrics = ServerMetrics(model.name, slots)
+    bridge = EngineBridge(engine.scheduler, st.tokenizer, metrics, slots, sc.max_queue)
+    front = HttpFront(bridge, build_app(bridge, model, metrics), sock, sc)
+    front.start()
+    host, port = sock.getsockname()[:2]
+    st.say(f"[miaotui] serving {model.name} on http://{host}:{port} (pid {os.getpid()}; {slots} KV slots of "
+           f"{max_len} tokens; queue {sc.max_queue}; API key {'required' if model.api_key else 'not required'})")
+    if early:
+        front.on_signal(early[0], None)
+    try:
+        engine.run(front.poll)
+    except Exception as exc:  # noqa: BLE001 - a rank died: answer 503 for a moment, then leave non-zero
+        front.die(exc)
+    front.stop()
     destroy()
-    if not signals:  # the HTTP thread ended by itself
+    if not front.signals:  # the HTTP thread ended by itself
         _say_error("rank 0: the HTTP server stopped unexpectedly")
         return 1
     st.say(f"[miaotui] stopped after {engine.steps} engine steps")

@@ -57,15 +57,14 @@ def score_blocks(weights, blocks: torch.Tensor, batch_size: int, max_batches: in
 
 def load_for_eval(model_dir: str, dtype_name: str, quant: str | None = None, group_size: int = 128):
     """(the whole model as one stage of the engine, its ModelArgs), on CPU."""
-    from framework.infer.loader import DTYPES, load_stage, read_model_args
+    from framework.infer.loader import load_stage, read_model_args
     from framework.infer.plan import plan_stages
+    from framework.weights.dtypes import torch_dtype
 
-    if dtype_name not in DTYPES:
-        raise UserError(f"dtype={dtype_name}: use fp32, bf16 or fp16")
+    dtype = torch_dtype(dtype_name, "dtype")
     if quant not in (None, "int8", "int4"):
         raise UserError(f"quant={quant}: use int8 or int4 (or leave it unset)")
     args = read_model_args(model_dir)
-    dtype = DTYPES[dtype_name]
     stage = plan_stages(args, 1, None, torch.tensor([], dtype=dtype).element_size())[0]
     weights = load_stage(model_dir, args, stage, torch.device("cpu"), dtype, quant=quant, group_size=group_size)
     return weights, args
@@ -73,14 +72,11 @@ def load_for_eval(model_dir: str, dtype_name: str, quant: str | None = None, gro
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Score ``cfg.model_dir`` on the held-out blocks of ``cfg.data``; print and (with ``output``) write JSON."""
+    from framework.checkpoint.resolve import resolve_export_dir
     from framework.data.sources import validate_data_config
-    from framework.infer.loader import resolve_model_dir
 
     t0 = time.perf_counter()
-    path, checkpoint = resolve_model_dir(cfg.model_dir)
-    if checkpoint is not None:
-        raise UserError(f"{cfg.model_dir} has a checkpoint but no export: run `python -m framework.export "
-                        f"checkpoint={checkpoint}` first")
+    path = resolve_export_dir(cfg.model_dir)
     tokenizer_dir = cfg.data.tokenizer or path
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise UserError(f"no tokenizer.json in {tokenizer_dir}: set data.tokenizer=<a tokenizer directory>")
