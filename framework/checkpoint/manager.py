@@ -179,6 +179,28 @@ def restore_rng(state: dict) -> None:
         set_rng_state(rngs[dist.get_rank()])
 
 
+def first_verified(root: str, candidates: list[str], problem, verb: str, otherwise: str, speak: bool) -> str:
+    """The first of ``candidates`` (tags under ``root``, newest first) for which ``problem(tag)`` is None, with one
+    warning line (where ``speak``) naming what failed before it ("... using/resuming from <tag>"); UserError naming
+    every failure and ``otherwise`` (what the user can do instead) when none verifies."""
+    failures = []
+    for tag in candidates:
+        error = problem(tag)
+        if error is None:
+            break
+        failures.append((tag, error))
+    else:
+        tried = "; ".join(f"{t or '(empty)'}: {e}" for t, e in failures)
+        raise UserError(f"no checkpoint in {root} passes verification ({tried}): restore the damaged files, or "
+                        f"{otherwise}")
+    if failures and speak:
+        (first, why), more = failures[0], failures[1:]
+        also = "".join(f"; so does {t} ({e})" for t, e in more)
+        print(f"[miaotui] warning: the latest checkpoint {first or '(empty)'} fails verification ({why}){also}: "
+              f"{verb} {tag}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+    return tag
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str, keep: int, is_rank0: bool, verify: str = "fast"):
         if verify not in VERIFY_MODES:
@@ -335,21 +357,8 @@ class CheckpointManager:
         if read_latest(root) is None:
             return None
         candidates = broadcast_object(fallback_order(root) if self.is_rank0 else None)
-        failures = []
-        for tag in candidates:
-            error = self._check(root, tag)
-            if error is None:
-                break
-            failures.append((tag, error))
-        else:
-            tried = "; ".join(f"{t or '(empty)'}: {e}" for t, e in failures)
-            raise UserError(f"no checkpoint in {root} passes verification ({tried}): restore the damaged files, or "
-                            "start over with checkpoint.resume=none")
-        if failures and self.is_rank0:
-            (first, why), more = failures[0], failures[1:]
-            also = "".join(f"; so does {t} ({e})" for t, e in more)
-            print(f"[miaotui] warning: the latest checkpoint {first or '(empty)'} fails verification ({why}){also}: "
-                  f"resuming from {tag}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+        tag = first_verified(root, candidates, lambda t: self._check(root, t), "resuming from",
+                             "start over with checkpoint.resume=none", self.is_rank0)
         path = os.path.join(root, tag)
         self._adopt(path)
         self._verified = os.path.normpath(path)

@@ -10,9 +10,8 @@ may resolve before the process group exists, and all reach the same answer from 
 from __future__ import annotations
 
 import os
-import sys
 
-from framework.checkpoint.manager import fallback_order, read_latest, read_state, tag_order
+from framework.checkpoint.manager import fallback_order, first_verified, read_latest, read_state, tag_order
 from framework.checkpoint.manifest import verify_manifest
 from framework.cli import UserError
 
@@ -35,21 +34,8 @@ def checkpoint_problem(root: str, tag: str, full: bool = False) -> str | None:
 def newest_verified(root: str, full: bool = False) -> str:
     """The checkpoint directory under ``root`` (a run's checkpoints/) to use for ``latest``: what it names if that
     verifies, else the newest that does, with one warning line (from rank 0 of a launch). UserError when none does."""
-    failures = []
-    for tag in fallback_order(root):
-        error = checkpoint_problem(root, tag, full)
-        if error is None:
-            break
-        failures.append((tag, error))
-    else:
-        tried = "; ".join(f"{t or '(empty)'}: {e}" for t, e in failures)
-        raise UserError(f"no checkpoint in {root} passes verification ({tried}): restore the damaged files, or "
-                        "point at a checkpoint step directory")
-    if failures and int(os.environ.get("RANK", "0")) == 0:
-        (first, why), more = failures[0], failures[1:]
-        also = "".join(f"; so does {t} ({e})" for t, e in more)
-        print(f"[miaotui] warning: the latest checkpoint {first or '(empty)'} fails verification ({why}){also}: "
-              f"using {tag}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+    tag = first_verified(root, fallback_order(root), lambda t: checkpoint_problem(root, t, full), "using",
+                         "point at a checkpoint step directory", int(os.environ.get("RANK", "0")) == 0)
     return os.path.join(root, tag)
 
 

@@ -107,7 +107,7 @@ class TokenBlocks:
         t = torch.from_numpy(rows.astype(np.int64))
         return t[0] if scalar else t
 
-    # the two tensor methods the evaluators call on their blocks (framework/compress/evaluate.py)
+    # the two tensor methods the evaluators call on their blocks (framework/evaluation/perplexity.py)
     def split(self, batch_size: int):
         """Consecutive batches of ``batch_size`` rows, as ``Tensor.split`` gives."""
         for i in range(0, self.n, batch_size):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from framework.models.llama import ModelArgs
 from framework.plan.devices import Device
+from framework.weights.dtypes import TABLE as DTYPE_TABLE
 
 GiB = 2**30
 # DeepSpeed defaults the engine runs with (zero_optimization), in elements: reduce_bucket_size, sub_group_size,
@@ -27,7 +28,7 @@ PERSISTENT = ("weights", "gradients", "optimizer", "master", "comm_buffers", "ru
 BACKWARD = ("gathered_weights", "gradient_bucket", "activations", "logits")
 REDUCE = ("reduce_scatter_copy", "collective_workspace", "gathered_at_reduce")
 STEP = ("step_fp32_gradients", "step_optimizer_workspace")
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {d.precision: d.bytes for d in DTYPE_TABLE}  # fp32 4, bf16 2, fp16 2: the weights layer's table
 
 
 @dataclass
