@@ -50,7 +50,7 @@ def fail(message: str, code: int = 2) -> None:
     """Print one line naming the fix (rank 0 only) and exit."""
     if is_rank0():
         print(f"error: {message}", file=sys.stderr, flush=True)
-    elif JOINED_PROCESS_GROUP[0]:
+    elif JOINED_PROCESS_GROUP[0] or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import time
 
         time.sleep(1.0)  # the launcher stops every rank once one has exited: rank 0 prints its line first

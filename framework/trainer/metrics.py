@@ -43,10 +43,29 @@ def device_peak_tflops(device: torch.device, precision: str, override: float | N
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: the CUDA allocator's peak on GPU, the resident-set peak on CPU."""
+    """Peak memory of this process since ``reset_peak_memory`` (or its start): the CUDA allocator's peak on GPU,
+    the resident-set high-water mark on CPU (Linux's VmHWM; the lifetime ru_maxrss elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib / 2**20
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start ``peak_memory_gb`` afresh from what the process holds now (CUDA's peak stats; on Linux CPUs, writing
+    5 to /proc/self/clear_refs resets VmHWM), so that the peak of the training is not the data preparation's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def current_memory_gb(device: torch.device) -> float:

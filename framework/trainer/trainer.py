@@ -30,7 +30,7 @@ from framework.data.sources import validate_data_config
 from framework.models.hf import from_hf_config, has_tokenizer, read_hf_config
 from framework.models.llama import ModelArgs, build_model
 from framework.parallel.deepspeed_hooks import tensor_parallel_group
-from framework.parallel.distributed import barrier, init_distributed, pick_device
+from framework.parallel.distributed import barrier, env_rank_world, init_distributed, pick_device
 from framework.parallel.materialize import build_in_dtype, build_meta, build_partitioned, builds_partitioned, fill_tp_shards
 from framework.parallel.parallelize import accumulation_steps, build_deepspeed_config, parallelize, quiet_deepspeed
 from framework.parallel.topology import Topology, build_topology
@@ -38,7 +38,7 @@ from framework.trainer.distill import build_distiller, with_distill_from
 from framework.trainer.evaluate import evaluate
 from framework.trainer.loggers import MetricLogger, link_scheduler_logs
 from framework.trainer.loss import global_divisor, lm_loss  # chunked: no fp32 copy of the (B, T, V) logits
-from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, warmup_cosine
+from framework.trainer.metrics import current_memory_gb, device_peak_tflops, peak_memory_gb, reset_peak_memory, warmup_cosine
 from framework.weights.dtypes import PRECISION_DTYPES
 from framework.weights.io import hf_slice_reader, load_hf_weights
 
@@ -234,8 +234,11 @@ def start(cfg: TrainConfig) -> Job:
         # TF32 matmuls and convolutions: the fp32 peak of the MFU table assumes them.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rank, world = init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    # validated from the launcher's variables before joining the process group: a refused config stops every rank
+    # before any gloo/NCCL handshake, so a slow peer is never left connecting to one that has already exited
+    rank, _, world = env_rank_world()
     topo = validate(cfg, world, rank)
+    init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
     if device.type == "cuda":
         check_fits(cfg, world, device)
     return Job(cfg, device, topo, world,
@@ -310,8 +313,10 @@ def build_engine(job: Job, args: ModelArgs):
     parallelism its shards (built on the meta device, filled once AutoTP has cut them); otherwise the whole model
     is built on every rank and DeepSpeed shards it."""
     cfg, t, topo = job.cfg, job.cfg.trainer, job.topo
-    # what the process held before the model: peak_mem_gb minus this is the model's, the planner's subject
+    # what the process held before the model: peak_mem_gb (from here on) minus this is the model's, the planner's
+    # subject; the peak restarts here so that a transient of the data preparation before it is not counted
     job.timings["base_mem_gb"] = current_memory_gb(job.device)
+    reset_peak_memory(job.device)
     slices, source = None, None  # name -> safetensors slice of the full tensor
     if job.from_universal:
         slices = UniversalReader(job.resume_from).get_slice
