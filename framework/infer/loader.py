@@ -17,14 +17,6 @@ from framework.weights.dtypes import config_precision, torch_dtype
 from framework.weights.io import hf_slice_reader, load_hf_weights, read_tp_part, weight_map
 
 
-def resolve_model_dir(path: str | None) -> tuple[str, str | None]:
-    """Moved to ``framework.checkpoint.resolve.resolve_model_dir``; kept for framework/infer/startup.py and
-    framework/infer/speculative.py until they import it from there."""
-    from framework.checkpoint.resolve import resolve_model_dir as resolve
-
-    return resolve(path)
-
-
 def read_model_args(model_dir: str) -> ModelArgs:
     args = from_hf_config(read_hf_config(model_dir), name=os.path.basename(os.path.abspath(model_dir)))
     weight_map(model_dir)  # fails early, in one line, when the weights are missing

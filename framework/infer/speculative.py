@@ -204,9 +204,10 @@ class DraftProposer:
 def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len: int, device: torch.device,
                         dtype: torch.dtype) -> DraftProposer:
     """The draft model, whole, on this rank (rank 0, beside stage 0), with a KV cache of ``n_slots`` slots."""
+    from framework.checkpoint.resolve import resolve_model_dir
     from framework.data.tokenizer import load_tokenizer
     from framework.infer.cache import KVCache
-    from framework.infer.loader import load_stage, read_model_args, resolve_model_dir
+    from framework.infer.loader import load_stage, read_model_args
     from framework.infer.plan import plan_stages
     from framework.infer.worker import StageWorker
 
@@ -252,6 +253,6 @@ def check_speculative_keys(inf) -> None:
         raise UserError("infer.speculative=draft needs infer.draft_model_dir=<an export of a small model with the "
                         "target's tokenizer>")
     if inf.speculative == "draft":
-        from framework.infer.loader import resolve_model_dir
+        from framework.checkpoint.resolve import resolve_model_dir
 
         resolve_model_dir(inf.draft_model_dir)  # a missing directory fails here, in one line

@@ -59,8 +59,9 @@ def start_stage_ranks(model_dir: str | None, inf, timeout_s: int | None = None) 
     """Resolve the model, join the process group (``timeout_s`` overrides ``infer.timeout_s``), check that
     pp x tp matches the world and the model, plan the stages and load the tokenizer. Every rank calls this."""
     from framework.checkpoint.convert import export_step_dir
+    from framework.checkpoint.resolve import resolve_model_dir
     from framework.data.tokenizer import load_tokenizer
-    from framework.infer.loader import default_dtype, read_model_args, resolve_model_dir
+    from framework.infer.loader import default_dtype, read_model_args
     from framework.infer.plan import format_plan, plan_stages
     from framework.parallel.distributed import init_distributed, pick_device
     from framework.parallel.topology import build_topology

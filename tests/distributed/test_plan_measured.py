@@ -10,15 +10,13 @@ to the largest block freed so far, up to 32 MiB) the heap keeps freed tensors of
 depends on the order of allocations (ZeRO 3 gathers and frees every layer's weights each step)."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
 
 from framework.plan import Layout
-from tests.helpers import REPO, TINY_TRAIN, assert_ok, env, run_module
+from tests.helpers import REPO, TINY_TRAIN, assert_ok, run_module
 
 pytestmark = pytest.mark.distributed
 
@@ -33,14 +31,12 @@ def _tensors_own_their_pages(monkeypatch):
 
 
 def cpu_sdpa_is_flash(args) -> bool:
-    """Whether CPU SDPA runs a flash kernel (saving no (T, T) probabilities) for this model's causal attention, as a
-    fresh process (the training run's) sees it: inside the whole suite the pytest process itself once answered the
-    math kernel (state left by an earlier in-process test), planning 0.25 GiB of probabilities the run never held."""
-    h, d, kvh = args.n_heads, args.head_dim, args.kv_heads
-    code = (f"import torch; q = torch.zeros(1, {h}, 64, {d}); kv = torch.zeros(1, {kvh}, 64, {d}); "
-            f"print(int(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa={kvh != h}) != 0))")
-    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True)
-    return out.stdout.strip() == "1"
+    """Whether CPU SDPA runs a flash kernel (saving no (T, T) probabilities) for this model's causal attention."""
+    import torch
+
+    q = torch.zeros(1, args.n_heads, 64, args.head_dim)
+    kv = torch.zeros(1, args.kv_heads, 64, args.head_dim)
+    return torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=args.kv_heads != args.n_heads) != 0
 
 
 def train_run(tmp_path, flavor: str, nproc: int, zero: int, micro: int, seq: int, gbs: int,
@@ -75,8 +71,8 @@ def measured_and_planned(tmp_path, flavor: str, nproc: int, zero: int, micro: in
     sequences): the Python modules and kernels loaded on first use, DeepSpeed's engine."""
     from framework.plan import DEVICES, plan_training
 
-    (tmp_path / "debug").mkdir(parents=True)
-    (tmp_path / "run").mkdir(parents=True)
+    (tmp_path / "debug").mkdir()
+    (tmp_path / "run").mkdir()
     tiny, tiny_args, tiny_lay = train_run(tmp_path / "debug", "debug", nproc, zero, 2, 32, 2 * nproc)
     runtime = tiny - plan_training(tiny_args, tiny_lay, DEVICES["h100"], 0.0, fused_optimizer=False).total / GiB
     measured, args, lay = train_run(tmp_path / "run", flavor, nproc, zero, micro, seq, gbs, n_layers)
@@ -91,7 +87,7 @@ def test_model_states_dominate_zero2_two_ranks(tmp_path):
 
 
 def test_activations_dominate_long_sequence(tmp_path):
-    measured, planned, plan = measured_and_planned(tmp_path / "a", "small", 1, 1, 16, 512, 16)
+    measured, planned, plan = measured_and_planned(tmp_path, "small", 1, 1, 16, 512, 16)
     assert plan.memory["activations"] > 4 * plan.memory["optimizer"]
     assert abs(planned - measured) <= 0.15 * measured, (planned, measured, plan.memory)
 
