@@ -315,6 +315,9 @@ class InferConfig:
     """Longest suffix tried first (speculative=ngram)."""
     draft_model_dir: str | None = None
     """The draft model (an export or run directory; same tokenizer as the target) for speculative=draft."""
+    draft_compile: bool | None = None
+    """torch.compile the draft's decode steps (at load); None: on. A draft's eager step costs its Python and kernel
+    launches rather than its weights, so compiling it is most of what a small draft gains."""
     speculative_max_batch: int = 16
     """Decode rows in a step from which no drafts are added: verifying k extra rows a row is free only while a step
     is bound by reading the weights. Measured (30M Llama, CPU, one thread, eager): a step of 5r rows costs 1.3-1.8x

@@ -134,25 +134,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, window: int, masked: bool, block: int | None = None) -> torch.Tensor:
+                     positions: torch.Tensor, window: int, masked: bool,
+                     block: tuple[int, int] | None = None) -> torch.Tensor:
     """One new query a row against its cached keys 0..position, within the first ``window`` positions of the
     cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask. Rows whose slots
-    are known on the host to be the block ``block .. block+B-1`` (eager only) read a view of the cache instead of
-    a gathered copy."""
+    are known on the host to be ``block`` = (first, r): the slots first, first+1, ... each r times in a row (one
+    row a slot; or a slot's row and its draft rows when speculating, eager only) read a view of the cache, shared
+    by a slot's rows, instead of a gathered copy a row."""
     B, H, hd = q.shape
     if block is not None:
-        k, v = kc[block: block + B, :, :window], vc[block: block + B, :, :window]
+        first, r = block
+        u = B // r
+        k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
     else:
+        r, u = 1, B
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
         v = vc[:, :, :window].index_select(0, slots)
     kv = k.shape[1]
-    qg = q.view(B, kv, H // kv, hd)  # grouped-query heads share their K/V head: a reshape, no copy
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, W)
+    g = H // kv  # grouped-query heads share their K/V head
+    # a slot's r rows and g heads against its K/V head: (U, KV, r*g, hd) (with r = 1, a reshape, no copy)
+    qg = q.view(u, r, kv, g, hd).transpose(1, 2).reshape(u, kv, r * g, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (U, KV, r*g, W)
     if masked:
         hidden = torch.arange(window, device=q.device)[None, :] > positions[:, None]  # (B, W)
-        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        scores = scores.view(u, kv, r, g, window).masked_fill(hidden.view(u, 1, r, 1, window), float("-inf"))
+        scores = scores.view(u, kv, r * g, window)
     p = scores.float().softmax(-1).to(q.dtype)
-    return torch.matmul(p, v).reshape(B, H * hd)
+    out = torch.matmul(p, v)  # (U, KV, r*g, hd)
+    return out.view(u, kv, r, g, hd).transpose(1, 2).reshape(B, H * hd)
 
 
 def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -170,9 +179,16 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot:
     return y[0].transpose(0, 1).reshape(T, H * hd)
 
 
-def contiguous_block(slots: list[int]) -> int | None:
-    """The first slot when ``slots`` are consecutive (s, s+1, ...), else None."""
-    return slots[0] if slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)) else None
+def slot_runs(slots: list[int]) -> tuple[int, int] | None:
+    """(first, r) when ``slots`` are consecutive slots each repeated r times in a row (first, ..., first, first + 1,
+    ...), else None."""
+    r = 1
+    while r < len(slots) and slots[r] == slots[0]:
+        r += 1
+    if len(slots) % r:
+        return None
+    first = slots[0]
+    return (first, r) if slots == [first + i // r for i in range(len(slots))] else None
 
 
 def window_buckets(max_len: int, smallest: int = 16) -> list[int]:
@@ -310,7 +326,7 @@ class StageWorker:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_vocab(self.w.lm_head(self.w.norm(x)))
 
-    def _decode_step(self, x, slots, positions, window: int, masked: bool, block: int | None = None):
+    def _decode_step(self, x, slots, positions, window: int, masked: bool, block: tuple[int, int] | None = None):
         """Decode-only step (the compiled one, with ``block`` None): one token per row."""
         if self.first:
             x = self._embed(x)
@@ -382,7 +398,7 @@ class StageWorker:
         if n_dec:
             win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
             dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1,
-                   contiguous_block(plan.dec_slots))
+                   slot_runs(plan.dec_slots))
         h = self._embed(x) if self.first else x
         h = self._layers(h, positions, tok_slots, dec, plan.segs)
         if self.last:
@@ -441,8 +457,8 @@ class StageWorker:
         if x is None:
             x = staged[2]
         masked = self.compiled or padded > 1 or win != pos[0] + 1  # compiled: one graph whatever the row's length
-        block = None if self.compiled else contiguous_block(slots)
-        if block is not None:  # eager, slots in one block: views of the cache
+        block = None if self.compiled else slot_runs(slots)
+        if block is not None:  # eager, consecutive slots: views of the cache
             out = self._decode_step(x, t_slots, t_pos, win, masked, block)
         else:
             if self.compiled and self.cuda:

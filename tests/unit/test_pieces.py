@@ -202,3 +202,24 @@ def test_lanes_share_the_prefill_budget_and_a_long_prompt_is_chunked():
     chunks = [(start, length) for p in steps for slot, start, length in p.segs if p.lane == 0 and slot == first]
     assert [s for s, _ in chunks] == [0, 32, 64, 96] and sum(n for _, n in chunks) == 100
     assert {p.lane for p in steps} == {0, 1} and sched.running == 0 and not sched.waiting
+
+
+def test_decode_attention_reads_a_slots_rows_from_one_view():
+    """Rows of consecutive slots, r rows a slot (a slot's row and its draft rows), attend through views of the cache
+    shared by a slot's rows: the same result as the gathered copy a row, and slot_runs finds exactly those layouts."""
+    from framework.infer.worker import decode_attention, slot_runs
+
+    assert slot_runs([3, 4, 5]) == (3, 1) and slot_runs([2, 2, 2, 2, 2]) == (2, 5)
+    assert slot_runs([0, 0, 1, 1]) == (0, 2)
+    assert slot_runs([0, 0, 1]) is None and slot_runs([1, 0]) is None and slot_runs([0, 0, 2, 2]) is None
+    torch.manual_seed(0)
+    kc, vc = torch.randn(4, 2, 32, 8), torch.randn(4, 2, 32, 8)  # (slots, kv heads, positions, head dim)
+    for slots, positions in (([1, 1, 1, 2, 2, 2], [5, 6, 7, 9, 10, 11]), ([0, 1, 2], [3, 20, 7]), ([2] * 5, [4, 5, 6, 7, 8])):
+        q = torch.randn(len(slots), 4, 8)
+        window = max(positions) + 1
+        s, p = torch.tensor(slots), torch.tensor(positions)
+        want = decode_attention(q, kc, vc, s, p, window, True)
+        got = decode_attention(q, kc, vc, s, p, window, True, slot_runs(slots))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        one = decode_attention(q[:1], kc, vc, s[:1], p[:1], positions[0] + 1, False)  # a row's own context, unmasked
+        torch.testing.assert_close(want[:1], one, rtol=1e-6, atol=1e-6)
