@@ -73,23 +73,19 @@ def streamed_bytes(weights) -> int:
 
 
 def build_weights(base, variant: str, rows: int, compiled: bool):
-    """The stage's weights for one configuration, laid out as framework/infer/loader.py's ``_finish`` does."""
-    from framework.compress.quantize import quantize_linears
-    from framework.infer.cpu_linear import pack_linears, packing_available
+    """The stage's weights for one configuration, laid out by the loader's own ``lay_out_for_decode`` (the quantized
+    variants' untied fp32 head re-laid too, as the engine does)."""
+    from framework.infer.loader import lay_out_for_decode
     from framework.infer.worker import StageWeights
     from framework.kernels import cpu_quant
 
     model = copy.deepcopy(base)
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     weights = StageWeights(model.to(dtype)).eval()
-    if variant.startswith(("int8", "int4")):
-        # "-aten": the layers as they were before the CPU decode kernels, on PyTorch's own int8/int4 kernels
-        with cpu_quant.disabled() if variant.endswith("-aten") else contextlib.nullcontext():
-            quantize_linears(weights, method=variant[:4], group_size=GROUP, head=False)
-    elif packing_available(dtype, torch.device("cpu")):
-        if compiled and rows <= 1:
-            weights.fold_norms()
-        pack_linears(weights, rows_hint=rows, compiled=compiled)
+    quant = variant[:4] if variant.startswith(("int8", "int4")) else None
+    # "-aten": the layers as they were before the CPU decode kernels, on PyTorch's own int8/int4 kernels
+    with cpu_quant.disabled() if variant.endswith("-aten") else contextlib.nullcontext():
+        lay_out_for_decode(weights, quant, GROUP, rows, dtype, torch.device("cpu"), compiled)
     return weights, dtype
 
 

@@ -131,9 +131,18 @@ def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtyp
         from framework.compress.prune import apply_semi_structured
 
         apply_semi_structured(weights)
+    if quant and quantization:
+        raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
+    return lay_out_for_decode(weights, quant, group_size, rows_hint, dtype, device, compiled)
+
+
+def lay_out_for_decode(weights: StageWeights, quant: str | None, group_size: int, rows_hint: int | None,
+                       dtype: torch.dtype, device: torch.device, compiled: bool = False) -> StageWeights:
+    """Quantize the linears while loading (``quant``: int8 / int4 weight-only, the head kept), and lay the fp32
+    weights left (all of them, or an untied head beside quantized layers) out for a CPU decode step of
+    ``rows_hint`` rows, ``compiled`` or not (framework/infer/cpu_linear.py). scripts/bench_quant.py times exactly
+    this layout."""
     if quant:
-        if quantization:
-            raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
         from framework.compress.quantize import quantize_linears
 
         quantize_linears(weights, method=quant, group_size=group_size, head=False)

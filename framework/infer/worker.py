@@ -142,17 +142,32 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
     row a slot; or a slot's row and its draft rows when speculating, eager only) read a view of the cache, shared
     by a slot's rows, instead of a gathered copy a row."""
     B, H, hd = q.shape
+    if block is not None and block[1] > 1:
+        return _slot_runs_attention(q, kc, vc, positions, window, masked, *block)
     if block is not None:
-        first, r = block
-        u = B // r
-        k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
+        k, v = kc[block[0]: block[0] + B, :, :window], vc[block[0]: block[0] + B, :, :window]
     else:
-        r, u = 1, B
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
         v = vc[:, :, :window].index_select(0, slots)
     kv = k.shape[1]
-    g = H // kv  # grouped-query heads share their K/V head
-    # a slot's r rows and g heads against its K/V head: (U, KV, r*g, hd) (with r = 1, a reshape, no copy)
+    qg = q.view(B, kv, H // kv, hd)  # grouped-query heads share their K/V head: a reshape, no copy
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, W)
+    if masked:
+        hidden = torch.arange(window, device=q.device)[None, :] > positions[:, None]  # (B, W)
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    p = scores.float().softmax(-1).to(q.dtype)
+    return torch.matmul(p, v).reshape(B, H * hd)
+
+
+def _slot_runs_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, positions: torch.Tensor, window: int,
+                         masked: bool, first: int, r: int) -> torch.Tensor:
+    """decode_attention for r rows a slot over the slots first, first+1, ...: a slot's r rows and g query heads
+    against its K/V head in one product, (U, KV, r*g, hd) x (U, KV, W, hd), the cache read through views."""
+    B, H, hd = q.shape
+    u = B // r
+    k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
+    kv = k.shape[1]
+    g = H // kv
     qg = q.view(u, r, kv, g, hd).transpose(1, 2).reshape(u, kv, r * g, hd)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (U, KV, r*g, W)
     if masked:
@@ -420,9 +435,14 @@ class StageWorker:
             self.step(StepPlan(dec_slots=[self.cache.scratch] * n, dec_pos=[pos] * n, tokens=[0] * n), x)
 
         if not self.cuda:
-            # on CPU a second window makes dynamo build the graph whose window is dynamic, the one every step uses
+            # on CPU a second window makes dynamo build the graph whose window is dynamic, the one every step uses;
+            # where steps may have more rows (draft rows, a larger batch), two more row counts make the rows dynamic
+            # too (a one-row step keeps its own graph: its linears are the row-dot reductions), so that no
+            # verification step compiles while serving
             for pos in (0, 1) if self.cache.max_len > 1 else (0,):
                 run(rows, pos)
+            for n in range(rows + 1, min(rows + 2, self.max_rows) + 1):
+                run(n, 1)
         else:
             # A decode step has at most every slot decoding (with its draft rows): every padded row count up to that,
             # with every window.

@@ -223,3 +223,33 @@ def test_decode_attention_reads_a_slots_rows_from_one_view():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         one = decode_attention(q[:1], kc, vc, s[:1], p[:1], positions[0] + 1, False)  # a row's own context, unmasked
         torch.testing.assert_close(want[:1], one, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_cpu_step_is_built_at_load_for_every_row_count():
+    """A compiled CPU decode step that may carry draft rows (max_rows > the batch) is compiled at load for the row
+    counts verification brings, not while serving: a step of any row count after ``warm_up`` compiles nothing,
+    and gives the eager step's logits."""
+    from torch._dynamo.utils import counters
+
+    from framework.infer.cache import KVCache
+    from framework.infer.step import StepPlan
+    from framework.infer.worker import StageWeights, StageWorker
+    from framework.models.llama import Llama, ModelArgs
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+    weights = StageWeights(Llama(args).eval()).eval()
+
+    def worker(compiled: bool) -> StageWorker:
+        cache = KVCache([0, 1], 2, 2, 64, 16, torch.float32, torch.device("cpu"))
+        return StageWorker(weights, cache, torch.device("cpu"), torch.float32, compile_decode=compiled, max_rows=6)
+
+    eager, compiled = worker(False), worker(True)
+    compiled.warm_up(1)
+    graphs = counters["stats"]["unique_graphs"]
+    for w in (eager, compiled):  # a prompt of 12 tokens in slot 0
+        w.step(StepPlan(segs=[(0, 0, 12)], seg_sample=[1], seg_next=[-2], tokens=list(range(1, 13))), None)
+    for rows in (1, 3, 5, 2, 6):
+        plan = StepPlan(dec_slots=[0] * rows, dec_pos=list(range(12, 12 + rows)), tokens=list(range(20, 20 + rows)))
+        torch.testing.assert_close(compiled.step(plan, None), eager.step(plan, None), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs
