@@ -11,12 +11,13 @@ says why: speculation pays while a step of r x (1 + k) rows costs less than the 
 of r rows. Beside them, at batch 1 (assisted generation is batch-1 only in transformers), transformers' plain
 ``generate()`` against ``prompt_lookup_num_tokens`` and ``assistant_model`` on the same models and prompts.
 
-Every case runs ``--repeats`` rounds, speculation and its plain baseline back to back in each round, so that a slow
-spell of a shared machine falls on both; the table gives medians and the JSON every round.
+Every case runs ``--repeats`` rounds, speculation and its plain baseline back to back in each round (plain first in
+odd rounds, last in even ones), so that a slow spell of a shared machine falls on both; the table gives medians and
+the JSON every round.
 
     python scripts/bench_spec.py --tiny                         # minutes on a CPU: proves the script, not the speed
     python scripts/bench_spec.py --code-target runs/stdlib_30m --draft runs/distill_stdlib --copy-target runs/copy
-    python scripts/bench_spec.py                                # trains the three models first (CPU: ~25 minutes)
+    python scripts/bench_spec.py                                # trains the three models first (CPU: ~45 minutes)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def train_models(work: str, tiny: bool) -> dict[str, str]:
     run(py + [f"run_dir={code_dir}", f"experiment={'stdlib_small' if tiny else 'stdlib_30m'}", *(["model=debug"] if tiny else []),
               *steps, *corpus])
     run(py + [f"run_dir={draft_dir}", "experiment=distill_stdlib", f"trainer.distill_from={code_dir}/export", *steps,
-              *corpus, *(["model.n_layers=1"] if tiny else [])])
+              *corpus, *(["model.n_layers=1"] if tiny else ["model=small"])])
     return {"copy": f"{copy_dir}/export", "code": f"{code_dir}/export", "draft": f"{draft_dir}/export"}
 
 
@@ -183,10 +184,12 @@ def bench_case(proposer: str, task: str, models: dict, prompts: list[str], a, wo
     rows = []
     for batch in a.batches:
         rounds = []
-        for _ in range(a.repeats):
-            plain = engine_rate(model, prompts, batch, a.max_new, [], work)
-            on = engine_rate(model, prompts, batch, a.max_new, spec, work)
-            forced = engine_rate(model, prompts, batch, a.max_new, spec + ["infer.speculative_max_batch=100000"], work)
+        for i in range(a.repeats):
+            # the order alternates between rounds, so that whatever a run leaves behind (caches, the last run's
+            # load) falls on the baseline and on speculation alike
+            order = [[], spec, spec + ["infer.speculative_max_batch=100000"]]
+            got = {id(x): engine_rate(model, prompts, batch, a.max_new, x, work) for x in (order if i % 2 == 0 else order[::-1])}
+            plain, on, forced = (got[id(x)] for x in order)
             rounds.append({"plain": plain["tokens_per_s"], "spec": on["tokens_per_s"], "forced": forced["tokens_per_s"],
                            "acceptance": forced["acceptance_rate"], "mean_len": forced["mean_accepted_length"]})
         med = {k: statistics.median(r[k] for r in rounds if r[k] is not None) if any(r[k] is not None for r in rounds)

@@ -131,21 +131,24 @@ def _finish(weights: StageWeights, model_dir, quant, group_size, rows_hint, dtyp
         from framework.compress.prune import apply_semi_structured
 
         apply_semi_structured(weights)
-    if quant and quantization:
-        raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
+    if quantization:
+        if quant:
+            raise UserError(f"{model_dir} is already quantized ({quantization.get('method', '?')}): drop infer.quant")
+        return weights  # a compressed export's fp32 head stays F.linear, as beside infer.quant's layers
     return lay_out_for_decode(weights, quant, group_size, rows_hint, dtype, device, compiled)
 
 
 def lay_out_for_decode(weights: StageWeights, quant: str | None, group_size: int, rows_hint: int | None,
                        dtype: torch.dtype, device: torch.device, compiled: bool = False) -> StageWeights:
-    """Quantize the linears while loading (``quant``: int8 / int4 weight-only, the head kept), and lay the fp32
-    weights left (all of them, or an untied head beside quantized layers) out for a CPU decode step of
-    ``rows_hint`` rows, ``compiled`` or not (framework/infer/cpu_linear.py). scripts/bench_quant.py times exactly
-    this layout."""
+    """Quantize the linears while loading (``quant``: int8 / int4 weight-only, the head kept), or lay the fp32
+    weights out for a CPU decode step of ``rows_hint`` rows, ``compiled`` or not (framework/infer/cpu_linear.py).
+    An fp32 head beside quantized layers stays F.linear: re-laid, the 30M shape's int8 / int4 decode was 10-17%
+    slower at batch 1 and 8, eager and compiled (scripts/bench_quant.py, which times exactly this layout)."""
     if quant:
         from framework.compress.quantize import quantize_linears
 
         quantize_linears(weights, method=quant, group_size=group_size, head=False)
+        return weights
     if rows_hint is not None and packing_available(dtype, device):
         if compiled and rows_hint <= 1:
             weights.fold_norms()

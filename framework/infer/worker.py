@@ -38,6 +38,15 @@ from framework.infer.cache import KVCache
 from framework.infer.tensor_parallel import TPGroup
 from framework.models.llama import Llama, rope_inv_freq
 
+SERIAL_KERNEL_ROWS = 1  # decode rows up to which a compiled CPU step with int8 kernels runs inductor's on one thread
+
+
+def cpu_int8_kernels(weights: nn.Module) -> bool:
+    """Whether a stage's linears run framework/kernels' int8 CPU decode kernel (opaque calls in a graph)."""
+    from framework.compress.quantize import Int8Linear
+
+    return any(isinstance(m, Int8Linear) and m.gemv_rows for m in weights.modules())
+
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     """One module computing ``cat([m(x) for m in linears], -1)``: nn.Linear by concatenating weights, other
@@ -302,6 +311,14 @@ class StageWorker:
             # users and reads more than one buffer (the residual stream) is stored once instead, which keeps
             # those loops near one input vector and one weight vector: a batch-1 token 3.7 -> 3.1 ms.
             options = None if self.cuda else {"realize_reads_threshold": 1}
+            if not self.cuda and self.max_rows <= SERIAL_KERNEL_ROWS and cpu_int8_kernels(weights):
+                # int8 layers on framework/kernels: their products are opaque calls that use every thread
+                # themselves, and what inductor generates between them (norms, rope, attention) is too small to
+                # pay for a parallel region each. Measured, one-row steps on 2 threads: the 125m shape 9.1 -> 4.7 ms
+                # a step alone, framework.generate 101-136 -> 147-154 tok/s; 30M 2.4 -> 1.9 ms. Not for int4 (the
+                # same engine run: 180-184 -> 151-163 tok/s), fp32 (inductor generates its products: 3.0 -> 5.6
+                # ms) or batch 8 (4.2 -> 5.2 ms)
+                options["cpp.threads"] = 1
             # dynamic=None on both: after a second value of rows or window dynamo builds one graph in which they are
             # symbolic sizes (a handful of compilations at load, whatever the bucket count); on CUDA the CUDA-graph
             # trees then record one graph per concrete (rows, window), each at load (``warm_up``)
