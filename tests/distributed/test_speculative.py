@@ -2,6 +2,7 @@
 are exactly plain greedy's and seeded sampled tokens exactly plain sampling's; the summary reports acceptance."""
 
 import json
+import time
 
 import pytest
 
@@ -136,9 +137,16 @@ def test_server_reports_acceptance(models, plain, tmp_path):
         assert body["choices"][0]["text"] == load_tokenizer(target).decode(plain[0][1], skip_special_tokens=True)
         details = body["usage"]["completion_tokens_details"]
         assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] == 0
-        _, text = get(server.url + "/metrics")
+        # the engine's counters reach the front end's /metrics after the reply may have: poll for the last step's
+        deadline = time.monotonic() + 10
+        while True:
+            _, text = get(server.url + "/metrics")
+            if (metric(text, "miaotui_spec_accepted_tokens_total") == details["accepted_prediction_tokens"]
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.1)
+        assert metric(text, "miaotui_spec_accepted_tokens_total") == details["accepted_prediction_tokens"]
         assert metric(text, "miaotui_spec_acceptance_rate") == 1.0
         assert metric(text, "miaotui_spec_mean_accepted_length") > 4
-        assert metric(text, "miaotui_spec_accepted_tokens_total") == details["accepted_prediction_tokens"]
     finally:
         server.stop()
