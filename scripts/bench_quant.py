@@ -73,8 +73,8 @@ def streamed_bytes(weights) -> int:
 
 
 def build_weights(base, variant: str, rows: int, compiled: bool):
-    """The stage's weights for one configuration, laid out by the loader's own ``lay_out_for_decode`` (the quantized
-    variants' untied fp32 head re-laid too, as the engine does)."""
+    """The stage's weights for one configuration, laid out by the loader's own ``lay_out_for_decode``, as the engine
+    lays them out."""
     from framework.infer.loader import lay_out_for_decode
     from framework.infer.worker import StageWeights
     from framework.kernels import cpu_quant

@@ -187,11 +187,12 @@ def bench_case(proposer: str, task: str, models: dict, prompts: list[str], a, wo
         for i in range(a.repeats):
             # the order alternates between rounds, so that whatever a run leaves behind (caches, the last run's
             # load) falls on the baseline and on speculation alike
-            order = [[], spec, spec + ["infer.speculative_max_batch=100000"]]
-            got = {id(x): engine_rate(model, prompts, batch, a.max_new, x, work) for x in (order if i % 2 == 0 else order[::-1])}
-            plain, on, forced = (got[id(x)] for x in order)
-            rounds.append({"plain": plain["tokens_per_s"], "spec": on["tokens_per_s"], "forced": forced["tokens_per_s"],
-                           "acceptance": forced["acceptance_rate"], "mean_len": forced["mean_accepted_length"]})
+            runs = [("plain", []), ("spec", spec), ("forced", spec + ["infer.speculative_max_batch=100000"])]
+            got = {name: engine_rate(model, prompts, batch, a.max_new, extra, work)
+                   for name, extra in (runs if i % 2 == 0 else runs[::-1])}
+            rounds.append({"plain": got["plain"]["tokens_per_s"], "spec": got["spec"]["tokens_per_s"],
+                           "forced": got["forced"]["tokens_per_s"], "acceptance": got["forced"]["acceptance_rate"],
+                           "mean_len": got["forced"]["mean_accepted_length"]})
         med = {k: statistics.median(r[k] for r in rounds if r[k] is not None) if any(r[k] is not None for r in rounds)
                else None for k in rounds[0]}
         rows.append({"proposer": proposer, "task": task, "batch": batch, **med, "rounds": rounds})

@@ -107,12 +107,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def accepted_prefix(drafts: list[int], drawn: list[int]) -> int:
     """How many drafts are kept: the longest prefix where each draft equals the token the target drew at the row
     before it (``drawn[j]`` is the target's token for the position of ``drafts[j]``)."""
-    n = 0
-    for d, t in zip(drafts, drawn):
-        if d != t:
-            break
-        n += 1
-    return n
+    return common_prefix(drafts, drawn)
 
 
 class NgramProposer:
@@ -174,7 +169,7 @@ class DraftProposer:
         ctxs = [s.request.prompt_ids + s.generated for s in seqs]
         plan, rows = self._catch_up(seqs, ctxs)
         logits = self.worker.step(plan, None)
-        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+        if rows != list(range(logits.shape[0])):  # segments' rows come after every decode row
             logits = logits[torch.tensor(rows, device=logits.device)]
         drafts = [[t] for t in self._draw(logits, seqs, [len(ctx) for ctx in ctxs])]
         for s, ctx in zip(seqs, ctxs):

@@ -150,33 +150,18 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
     are known on the host to be ``block`` = (first, r): the slots first, first+1, ... each r times in a row (one
     row a slot; or a slot's row and its draft rows when speculating, eager only) read a view of the cache, shared
     by a slot's rows, instead of a gathered copy a row."""
-    B, H, hd = q.shape
-    if block is not None and block[1] > 1:
-        return _slot_runs_attention(q, kc, vc, positions, window, masked, *block)
     if block is not None:
-        k, v = kc[block[0]: block[0] + B, :, :window], vc[block[0]: block[0] + B, :, :window]
+        first, r = block
+        u = q.shape[0] // r
+        k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
     else:
+        r = 1
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
         v = vc[:, :, :window].index_select(0, slots)
-    kv = k.shape[1]
-    qg = q.view(B, kv, H // kv, hd)  # grouped-query heads share their K/V head: a reshape, no copy
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, W)
-    if masked:
-        hidden = torch.arange(window, device=q.device)[None, :] > positions[:, None]  # (B, W)
-        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    p = scores.float().softmax(-1).to(q.dtype)
-    return torch.matmul(p, v).reshape(B, H * hd)
-
-
-def _slot_runs_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, positions: torch.Tensor, window: int,
-                         masked: bool, first: int, r: int) -> torch.Tensor:
-    """decode_attention for r rows a slot over the slots first, first+1, ...: a slot's r rows and g query heads
-    against its K/V head in one product, (U, KV, r*g, hd) x (U, KV, W, hd), the cache read through views."""
     B, H, hd = q.shape
-    u = B // r
-    k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
-    kv = k.shape[1]
-    g = H // kv
+    u, kv = B // r, k.shape[1]
+    g = H // kv  # grouped-query heads share their K/V head
+    # a slot's r rows and g heads against its K/V head: (U, KV, r*g, hd) (with r = 1 a reshape, no copy)
     qg = q.view(u, r, kv, g, hd).transpose(1, 2).reshape(u, kv, r * g, hd)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (U, KV, r*g, W)
     if masked:
