@@ -318,12 +318,15 @@ class InferConfig:
     draft_compile: bool | None = None
     """torch.compile the draft's decode steps (at load); None: on. A draft's eager step costs its Python and kernel
     launches rather than its weights, so compiling it is most of what a small draft gains."""
-    speculative_max_batch: int = 16
-    """Decode rows in a step from which no drafts are added: verifying k extra rows a row is free only while a step
-    is bound by reading the weights. Measured (30M Llama, CPU, one thread, eager): a step of 5r rows costs 1.3-1.8x
-    one of r rows up to r = 8, 3.7x at r = 16 and 4.3-4.5x from r = 32 (compute-bound), more than the ~2-4 tokens a
-    verification emits. GPUs stay weight-bound to larger batches: scripts/bench_spec.py's "forced on" column
-    measures the crossover there."""
+    speculative_policy: str = "cost"
+    """How many drafts a step verifies (framework/infer/speculative.py): cost (the drafts whose expected tokens pay
+    for their rows, by the step cost against rows measured at load on this machine) or acceptance (k from the
+    request's acceptance alone, whatever a row costs)."""
+    speculative_max_batch: int = 32
+    """Decode rows in a step from which no drafts are added at all (a bound on the rows a step can have). Below it
+    the policy decides; measured (30M Llama, CPU, eager): a step of 5r rows costs 1.5x one of r rows at r = 1, 2.3x
+    at r = 4 and ~3.2x from r = 16 (compute-bound), so on this CPU only drafts of high acceptance pay past a few
+    rows. GPUs stay weight-bound to larger batches: scripts/bench_spec.py's "forced on" column measures it."""
 
 
 @dataclass

@@ -5,8 +5,10 @@ Cases (each at batch 1, 4, 16 and 64, ``infer.max_batch`` = the batch, max(batch
 - ngram/code-edit: prompt lookup on code-editing prompts (a stdlib function, then the start of its copy with a
   name changed: the continuation is mostly the function again), target trained on stdlib;
 - draft/code: the distilled draft (``experiment=distill_stdlib``) on stdlib code prefixes, same target.
-Each case also runs with speculation forced on at every batch (``infer.speculative_max_batch`` past the batch), which
-shows where verification starts costing more than it saves, and the decode-step cost against rows ("rows" part)
+"spec" is the default policy (``infer.speculative_policy=cost``: the drafts whose expected tokens pay for their rows,
+by the step cost measured at load). Each case also runs with speculation forced on at every batch (the acceptance
+policy, ``infer.speculative_max_batch`` past the batch), which shows where verification starts costing more than it
+saves, and the decode-step cost against rows ("rows" part)
 says why: speculation pays while a step of r x (1 + k) rows costs less than the mean accepted length times a step
 of r rows. Beside them, at batch 1 (assisted generation is batch-1 only in transformers), transformers' plain
 ``generate()`` against ``prompt_lookup_num_tokens`` and ``assistant_model`` on the same models and prompts.
@@ -143,13 +145,13 @@ def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | N
 
 
 def step_cost(model: str, rows: list[int], context: int = 256, reps: int = 5) -> dict[int, float]:
-    """Median seconds of one decode step of r rows (each at ``context`` positions) on the engine's stage worker."""
+    """Seconds of one decode step of r rows (each at ``context`` positions) on the engine's stage worker (the
+    fastest of ``reps``: StageWorker.time_rows, which the cost policy's own measurement at load uses)."""
     import torch
 
     from framework.infer.cache import KVCache
     from framework.infer.loader import load_stage, read_model_args
     from framework.infer.plan import plan_stages
-    from framework.infer.step import StepPlan
     from framework.infer.worker import StageWorker
 
     args = read_model_args(model)
@@ -158,16 +160,7 @@ def step_cost(model: str, rows: list[int], context: int = 256, reps: int = 5) ->
     cache = KVCache(stage.layers, max(rows), args.kv_heads, context + 1, args.head_dim, torch.float32,
                     torch.device("cpu"))
     worker = StageWorker(weights, cache, torch.device("cpu"), torch.float32)
-    out = {}
-    for r in rows:
-        plan = StepPlan(dec_slots=list(range(r)), dec_pos=[context] * r, tokens=[1] * r)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            worker.step(plan, None)
-            times.append(time.perf_counter() - t0)
-        out[r] = statistics.median(times)
-    return out
+    return dict(zip(rows, worker.time_rows(rows, context, reps)))
 
 
 # (proposer, prompts, target): the target is a key of the models
@@ -187,7 +180,8 @@ def bench_case(proposer: str, task: str, models: dict, prompts: list[str], a, wo
         for i in range(a.repeats):
             # the order alternates between rounds, so that whatever a run leaves behind (caches, the last run's
             # load) falls on the baseline and on speculation alike
-            runs = [("plain", []), ("spec", spec), ("forced", spec + ["infer.speculative_max_batch=100000"])]
+            runs = [("plain", []), ("spec", spec), ("forced", spec + ["infer.speculative_max_batch=100000",
+                                                                        "infer.speculative_policy=acceptance"])]
             got = {name: engine_rate(model, prompts, batch, a.max_new, extra, work)
                    for name, extra in (runs if i % 2 == 0 else runs[::-1])}
             rounds.append({"plain": got["plain"]["tokens_per_s"], "spec": got["spec"]["tokens_per_s"],
@@ -246,6 +240,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-prompts", type=int, default=8, help="prompts of the transformers batch-1 baselines")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--tiny", action="store_true", help="tiny models, batches 1 and 4, 16 tokens, one round")
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_spec.json"))
     a = ap.parse_args()
@@ -266,7 +261,8 @@ def main() -> None:
     rows = []
     for proposer, task, _ in CASES:
         rows += bench_case(proposer, task, models, prompts_of[task], a, work)
-    hf_columns(rows, models, prompts_of, a)
+    if not a.no_hf:
+        hf_columns(rows, models, prompts_of, a)
     rows_list = sorted({r for b in a.batches for r in (b, b * (1 + a.k))})
     cost = step_cost(models["code"], rows_list)
     print_table(rows, cost, a.k)

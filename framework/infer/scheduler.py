@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from framework.infer.cache import SlotPool
 from framework.infer.detok import StopScanner
 from framework.infer.sampler import SamplingParams, unpack_logprobs
-from framework.infer.speculative import SpecStats, accepted_prefix
+from framework.infer.speculative import SpecStats, accepted_prefix, choose_drafts
 from framework.infer.step import StepPlan
 
 
@@ -81,7 +81,7 @@ class Scheduler:
 
     def __init__(self, n_slots: int, n_lanes: int, prefill_chunk: int, eos_ids: Iterable[int] = (), tokenizer=None,
                  policy: str = "continuous", max_len: int = 1 << 30, proposer=None, num_speculative_tokens: int = 0,
-                 speculative_max_batch: int = 1 << 30):
+                 speculative_max_batch: int = 1 << 30, step_cost=None):
         if policy not in ("continuous", "static"):
             raise ValueError(f"unknown scheduling policy {policy}")
         self.lanes: list[list[Sequence]] = [[] for _ in range(n_lanes)]
@@ -99,8 +99,10 @@ class Scheduler:
         self.on_token = None  # callback(seq, token) after each new token (seq.generated may be cut already)
         # speculative decoding: who proposes drafts, at most how many a row, from how many decode rows none
         self.proposer, self.k_max, self.spec_max_batch = proposer, num_speculative_tokens, speculative_max_batch
+        # the cost policy: a step's seconds against its rows (speculative.StepCost); None: the acceptance policy
+        self.step_cost = step_cost
         self.spec = SpecStats()  # the engine's counters (server metrics, the generate summary)
-        self.spec_skipped_steps = 0  # steps whose lane decoded too many rows to speculate
+        self.spec_skipped_steps = 0  # steps that decoded without drafts: too many rows, or none worth its row
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -170,9 +172,14 @@ class Scheduler:
             req = self.waiting.popleft()
             seq = Sequence(req, self.pools[lane].take(), lane)
             seqs.append(seq)
+        chunks = []  # prompt chunks, oldest first, within the budget
+        for s in seqs:
+            if s.prefilled < s.prompt_len and budget > 0:
+                chunks.append((s, min(s.prompt_len - s.prefilled, budget)))
+                budget -= chunks[-1][1]
         # decode rows (prompt done, last token back), by slot: rows in consecutive slots read their cache as one view
         decoding = [s for s in sorted(seqs, key=lambda s: s.slot) if s.prefilled == s.prompt_len]
-        drafts = self._drafts(decoding)
+        drafts = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
         for s in decoding:
             # a finished row of a static group keeps being computed (its tokens dropped) at its last position
             pos = min(s.prompt_len + len(s.generated) - 1, self.max_len - 1)
@@ -181,45 +188,51 @@ class Scheduler:
             plan.dec_pos.extend(range(pos, pos + 1 + len(d)))
             plan.tokens.append(s.generated[-1])
             plan.tokens.extend(d)
-        for s in seqs:  # prompt chunks, oldest first, within the budget
-            if s.prefilled < s.prompt_len and budget > 0:
-                n = min(s.prompt_len - s.prefilled, budget)
-                p = s.request.params
-                if s.prefilled == 0:
-                    plan.new_slots.append(s.slot)
-                    plan.new_params.append((p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed,
-                                            p.top_logprobs))
-                ends = s.prefilled + n == s.prompt_len
-                plan.segs.append((s.slot, s.prefilled, n))
-                plan.seg_sample.append(int(ends))
-                plan.seg_next.append(-2 if p.prompt_logprobs is None else -1 if ends else
-                                     s.request.prompt_ids[s.prefilled + n])
-                plan.tokens.extend(s.request.prompt_ids[s.prefilled: s.prefilled + n])
-                budget -= n
+        for s, n in chunks:
+            p = s.request.params
+            if s.prefilled == 0:
+                plan.new_slots.append(s.slot)
+                plan.new_params.append((p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed,
+                                        p.top_logprobs))
+            ends = s.prefilled + n == s.prompt_len
+            plan.segs.append((s.slot, s.prefilled, n))
+            plan.seg_sample.append(int(ends))
+            plan.seg_next.append(-2 if p.prompt_logprobs is None else -1 if ends else
+                                 s.request.prompt_ids[s.prefilled + n])
+            plan.tokens.extend(s.request.prompt_ids[s.prefilled: s.prefilled + n])
         if not plan.tokens:
             return None
         self.in_flight[lane] = True
         return plan
 
-    def _drafts(self, decoding: list[Sequence]) -> dict[int, list[int]]:
-        """Draft tokens of the rows that speculate this step, by slot: each asks for the k its acceptance suggests,
-        no more than its remaining tokens and cache room allow; none when the lane decodes too many rows."""
+    def _drafts(self, decoding: list[Sequence], rows: int) -> dict[int, list[int]]:
+        """Draft tokens of the rows that speculate this step (which has ``rows`` rows without them), by slot: no
+        more than each one's remaining tokens and cache room allow, as many as the policy finds worth verifying
+        (speculative.py); none when the lane decodes too many rows."""
         if self.proposer is None or self.k_max < 1 or not decoding:
             return {}
         if len(decoding) >= self.spec_max_batch:
             self.spec_skipped_steps += 1
             return {}
-        seqs, ks = [], []
+        seqs, caps = [], []
         for s in decoding:
             p = s.request.params
             if s.finish_reason is not None or p.repetition_penalty != 1.0:
                 continue
             pos = s.prompt_len + len(s.generated) - 1
-            k = min(s.spec.adapt.next_k(self.k_max), p.max_new_tokens - len(s.generated) - 1, self.max_len - 1 - pos)
-            if k > 0:
+            cap = min(self.k_max, p.max_new_tokens - len(s.generated) - 1, self.max_len - 1 - pos)
+            if cap > 0:
                 seqs.append(s)
-                ks.append(k)
+                caps.append(cap)
+        if self.step_cost is None:
+            ks = [min(s.spec.adapt.next_k(self.k_max), cap) for s, cap in zip(seqs, caps)]
+        else:
+            worth = [s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)]
+            ks = choose_drafts([(a, min(k, cap)) for (a, k), cap in zip(worth, caps)], rows, len(decoding),
+                               self.step_cost, getattr(self.proposer, "step_cost", None))
+        seqs, ks = [s for s, k in zip(seqs, ks) if k > 0], [k for k in ks if k > 0]
         if not seqs:
+            self.spec_skipped_steps += 1
             return {}
         return {s.slot: d[:k] for s, k, d in zip(seqs, ks, self.proposer.propose(seqs, ks)) if d}
 

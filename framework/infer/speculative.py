@@ -23,11 +23,19 @@ temperature, top-k and top-p (a coupled draw): where the draft's distribution is
 draws coincide (always, for an identical model), so sampled requests keep most of the acceptance a greedy one gets,
 which a draft's argmax would lose at high temperature.
 
-Adaptive k: each request keeps a running estimate of how many drafts it gets accepted per rejection and asks for
-one more than that (``Acceptance``); a step whose lane decodes ``infer.speculative_max_batch`` rows or more adds no
-drafts at all, since verification rows stop being free once a step is bound by compute rather than by reading
-the weights. Requests with a repetition penalty do not speculate (a draft row's penalty would need the drafts
-before it among the tokens it has seen).
+How many drafts a step verifies (``infer.speculative_policy``):
+- ``cost`` (the default): each request keeps a running estimate of its per-token acceptance alpha
+  (``Acceptance``), so its j-th draft is worth alpha^j expected tokens; the engine measured at load what a step
+  costs against its rows on this machine (``StepCost``: the target's stage, and the draft model's step), and each
+  step takes the drafts, most valuable first, that maximise its expected tokens a second, counting the rows the
+  step already has (decode rows and prompt tokens). Where rows are nearly free (a step bound by reading the
+  weights: batch 1, a GPU) every row verifies up to k; where a step is bound by compute (large batches on a CPU)
+  only drafts likely enough to be kept are worth their row, and none at all for a batch of poor acceptance.
+- ``acceptance``: k is one more than the request's expected run of accepted drafts, whatever a row costs.
+Under both, a step whose lane decodes ``infer.speculative_max_batch`` rows or more adds no drafts, and a request
+whose drafts keep being refused gets a one-draft probe now and then (so that text turning repetitive is noticed).
+Requests with a repetition penalty do not speculate (a draft row's penalty would need the drafts before it among
+the tokens it has seen).
 """
 
 from __future__ import annotations
@@ -53,9 +61,26 @@ class Acceptance:
     MIN_RUN = 0.1  # below ~9% acceptance a draft row costs more than it returns:
     PROBE_EVERY = 8  # speculate only every 8th step, so that a request whose text turns repetitive is noticed
 
+    PROBE_ALPHA = 0.5  # what a probe is weighed at under the cost policy
+
     def update(self, accepted: int, proposed: int) -> None:
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + (1.0 if accepted < proposed else 0.0)
+        self.idle = 0
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance: each draft verified is a trial until the first rejection, so accepted / (accepted
+        + rejections) is its maximum-likelihood estimate."""
+        return self.accepted / (self.accepted + self.rejected)
+
+    def worth(self, k_max: int) -> tuple[float, int]:
+        """(acceptance, most drafts) the cost policy weighs this request's drafts at this step: its estimate and
+        k_max; while hopeless, one probe draft weighed at PROBE_ALPHA every PROBE_EVERY steps, none in between."""
+        if self.accepted / max(self.rejected, 1e-6) >= self.MIN_RUN:
+            return self.alpha, k_max
+        self.idle += 1
+        return (self.PROBE_ALPHA, 1) if self.idle % self.PROBE_EVERY == 0 else (0.0, 0)
 
     def next_k(self, k_max: int) -> int:
         """One more draft than the expected accepted run, within 1..k_max; 0 (no drafts this step) while
@@ -91,6 +116,59 @@ class SpecStats:
     def mean_accepted_length(self) -> float | None:
         """Tokens a verification emits on average: the accepted drafts and the target's own token."""
         return (self.accepted + self.steps) / self.steps if self.steps else None
+
+
+ROW_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
+
+
+class StepCost:
+    """Seconds of a step against its rows: measured at load for the row counts of ROW_GRID up to the most a step
+    can have (``measure``), linear between them and past the last, made nondecreasing (a noisy measurement must
+    not make a row look free)."""
+
+    def __init__(self, rows: list[int], secs: list[float]):
+        self.rows, self.secs = list(rows), []
+        for t in secs:
+            self.secs.append(max(t, self.secs[-1] if self.secs else 0.0))
+
+    @classmethod
+    def measure(cls, worker, max_rows: int) -> StepCost:
+        rows = sorted({r for r in ROW_GRID if r < max_rows} | {max(1, max_rows)})
+        return cls(rows, worker.time_rows(rows))
+
+    def __call__(self, r: float) -> float:
+        rows, secs = self.rows, self.secs
+        if len(rows) == 1:
+            return secs[0] * max(r, 1) / rows[0]
+        i = 1
+        while i < len(rows) - 1 and rows[i] < r:
+            i += 1
+        r0, r1, t0, t1 = rows[i - 1], rows[i], secs[i - 1], secs[i]
+        return max(t0 + (t1 - t0) * (r - r0) / (r1 - r0), secs[0])
+
+
+def choose_drafts(worth: list[tuple[float, int]], base_rows: int, base_tokens: float, cost: StepCost,
+                  draft_cost: StepCost | None = None) -> list[int]:
+    """How many drafts each candidate verifies this step (the cost policy): ``worth[i]`` is (alpha, most drafts)
+    of candidate i, whose j-th draft is worth alpha^j expected tokens and costs a row; a step already has
+    ``base_rows`` rows and emits ``base_tokens`` tokens without drafts. Drafts are taken most valuable first, and
+    the step keeps the number of them whose expected tokens a second (step cost, plus the draft model's steps:
+    the deepest draft's count of steps over the candidates that draft) is highest."""
+    cands = sorted(((a ** j, i, j) for i, (a, k) in enumerate(worth) if a > 0 for j in range(1, k + 1)),
+                   key=lambda c: -c[0])
+    best_m, best = 0, base_tokens / cost(base_rows)
+    tokens, depth, seqs = base_tokens, 0, set()
+    for m, (gain, i, j) in enumerate(cands, 1):
+        tokens += gain
+        depth = max(depth, j)
+        seqs.add(i)
+        t = cost(base_rows + m) + (depth * draft_cost(len(seqs)) if draft_cost is not None else 0.0)
+        if tokens / t > best:
+            best_m, best = m, tokens / t
+    ks = [0] * len(worth)
+    for _, i, j in cands[:best_m]:
+        ks[i] = max(ks[i], j)
+    return ks
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -157,8 +235,9 @@ class DraftProposer:
     pay costs, eager, its Python and kernel launches rather than its weights (2-layer 64-wide draft, one row on
     this project's CPU: 0.48 ms eager, 0.23 ms compiled), and a proposal is k of its steps."""
 
-    def __init__(self, worker):
+    def __init__(self, worker, step_cost: StepCost | None = None):
         self.worker = worker  # a StageWorker holding the whole draft model
+        self.step_cost = step_cost  # its step's seconds against rows (the cost policy counts them)
 
     CATCH_UP_ROWS = 8  # a sequence this few tokens behind the draft cache catches up in decode rows (compiled)
 
@@ -227,10 +306,11 @@ class DraftProposer:
 
 
 def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len: int, device: torch.device,
-                        dtype: torch.dtype, compiled: bool = True, max_seqs: int | None = None) -> DraftProposer:
+                        dtype: torch.dtype, compiled: bool = True, max_seqs: int | None = None,
+                        measure: bool = False) -> DraftProposer:
     """The draft model, whole, on this rank (rank 0, beside stage 0), with a KV cache of ``n_slots`` slots.
     ``compiled``: its decode steps are torch.compile'd, built here at load (DraftProposer says why), for steps of
-    up to ``max_seqs`` speculating sequences (default: every slot)."""
+    up to ``max_seqs`` speculating sequences (default: every slot). ``measure``: its step cost is timed too."""
     from framework.checkpoint.resolve import resolve_model_dir
     from framework.data.tokenizer import load_tokenizer
     from framework.infer.cache import KVCache
@@ -254,7 +334,7 @@ def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len:
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compiled,
                          max_rows=seqs * DraftProposer.CATCH_UP_ROWS)
     worker.warm_up(1)  # every row count a proposal's steps can have (catch-up rows of several sequences)
-    return DraftProposer(worker)
+    return DraftProposer(worker, StepCost.measure(worker, seqs) if measure else None)
 
 
 def build_proposer(inf, tokenizer, n_slots: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -265,7 +345,7 @@ def build_proposer(inf, tokenizer, n_slots: int, max_len: int, device: torch.dev
         compiled = inf.draft_compile if inf.draft_compile is not None else True
         # a step whose lane decodes speculative_max_batch rows or more adds no drafts
         return load_draft_proposer(inf.draft_model_dir, tokenizer, n_slots, max_len, device, dtype, compiled,
-                                   max_seqs=inf.speculative_max_batch - 1)
+                                   max_seqs=inf.speculative_max_batch - 1, measure=inf.speculative_policy == "cost")
     return None
 
 
@@ -277,6 +357,8 @@ def check_speculative_keys(inf) -> None:
         return
     if inf.num_speculative_tokens < 1:
         raise UserError(f"infer.num_speculative_tokens={inf.num_speculative_tokens}: propose at least 1 (e.g. 4)")
+    if inf.speculative_policy not in ("cost", "acceptance"):
+        raise UserError(f"infer.speculative_policy={inf.speculative_policy}: use cost or acceptance")
     if inf.speculative_max_batch < 2:
         raise UserError(f"infer.speculative_max_batch={inf.speculative_max_batch}: at 1 no step would speculate; use "
                         f"at least 2 (e.g. 16), or infer.speculative=none")

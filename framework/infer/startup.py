@@ -125,15 +125,16 @@ def agree_slots(slots: int, world: int) -> int:
 
 
 def build_scheduler(inf, model_dir: str, tokenizer, slots: int, lanes: int, max_len: int, device: torch.device,
-                    dtype: torch.dtype, k: int):
-    """Rank 0's scheduler, with the model's EOS ids and the speculative proposer (``k`` draft tokens a row)."""
+                    dtype: torch.dtype, k: int, step_cost=None):
+    """Rank 0's scheduler, with the model's EOS ids and the speculative proposer (``k`` draft tokens a row;
+    ``step_cost``: stage 0's step seconds against rows, for the cost policy)."""
     from framework.infer.scheduler import Scheduler
     from framework.infer.speculative import build_proposer
 
     return Scheduler(slots, lanes, inf.prefill_chunk, eos_ids=read_eos_ids(model_dir, tokenizer),
                      tokenizer=tokenizer, policy=inf.scheduler, max_len=max_len,
                      proposer=build_proposer(inf, tokenizer, slots, max_len, device, dtype),
-                     num_speculative_tokens=k, speculative_max_batch=inf.speculative_max_batch)
+                     num_speculative_tokens=k, speculative_max_batch=inf.speculative_max_batch, step_cost=step_cost)
 
 
 def build_engine(inf, model_dir: str, args, stages, rank: int, device: torch.device, dtype: torch.dtype,
@@ -180,12 +181,18 @@ def build_engine(inf, model_dir: str, args, stages, rank: int, device: torch.dev
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compile_decode, tp=tpg,
                          max_rows=slots + draft_rows)
     worker.warm_up(rows_hint or 1)  # the compiled step is built at load, not on the first request
+    step_cost = None
+    if k and inf.speculative_policy == "cost" and rank < tp:  # stage 0's ranks time their steps together
+        from framework.infer.speculative import StepCost
+
+        step_cost = StepCost.measure(worker, slots + draft_rows)
     capacity = StepPlan.capacity(slots, inf.prefill_chunk, draft_rows)
     transport = make_transport(inf.transport, rank, pp, tp, device, capacity, slots + draft_rows + inf.prefill_chunk,
                                args.dim, dtype, lanes, reply_ints=StepPlan.reply_capacity(slots, inf.prefill_chunk,
                                                                                           draft_rows))
     sampler = Sampler(slots, args.vocab_size, device) if stage.last and tp_rank == 0 else None
-    scheduler = build_scheduler(inf, model_dir, tokenizer, slots, lanes, max_len, device, dtype, k) if rank == 0 else None
+    scheduler = (build_scheduler(inf, model_dir, tokenizer, slots, lanes, max_len, device, dtype, k, step_cost)
+                 if rank == 0 else None)
     ar = "-" if tp == 1 else ("shared memory" if tpg.shm else dist.get_backend(tpg.group))
     say(f"[miaotui] KV cache: {slots} slots x {max_len} tokens, {cache.nbytes() / 2**20:.1f} MiB a rank; "
         f"{lanes} lane(s) in flight, prefill chunk {inf.prefill_chunk}, compiled decode {compile_decode}, "

@@ -458,6 +458,30 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         self.busy_s = 0.0
 
+    def time_rows(self, rows: list[int], context: int = 1, reps: int = 2) -> list[float]:
+        """Seconds of a decode step of r rows (on the scratch slot, each at ``context`` positions) for each r of
+        ``rows``: the fastest of ``reps`` after one untimed step of that count (the least disturbed by whatever
+        else runs). Every tp rank of a stage calls it together."""
+        from framework.infer.step import StepPlan
+
+        out = []
+        for n in rows:
+            x = None if self.first else torch.zeros(n, self.w.args.dim, dtype=self.dtype, device=self.device)
+            plan = StepPlan(dec_slots=[self.cache.scratch] * n, dec_pos=[context] * n, tokens=[0] * n)
+            times = []
+            for i in range(reps + 1):
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self.step(plan, x)
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            out.append(min(times))
+        self.busy_s = 0.0
+        return out
+
     def _decode_only(self, plan, x: torch.Tensor | None) -> torch.Tensor:
         n = len(plan.dec_slots)
         slots, pos = list(plan.dec_slots), list(plan.dec_pos)

@@ -45,7 +45,8 @@ def test_cuda_speculative_greedy_equals_plain(models, tmp_path, compiled):
     common = ("infer.dtype=fp32", f"infer.compile={compiled}")
     plain, _ = run(target, tmp_path, *common)
     got, s = run(target, tmp_path, *common, "infer.speculative=draft", f"infer.draft_model_dir={target}",
-                 "infer.draft_compile=false")  # drafts rounded as the target's eager or compiled step rounds them
+                 "infer.draft_compile=false",  # drafts rounded as the target's eager or compiled step rounds them
+                 "infer.speculative_policy=acceptance")  # a draft as dear as the target: no row is worth it by cost
     assert got == plain and s["acceptance_rate"] == 1.0
     got, s = run(target, tmp_path, *common, "infer.speculative=ngram")
     assert got == plain and s["draft_tokens"] > 0

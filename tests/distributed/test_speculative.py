@@ -29,6 +29,9 @@ def models(tmp_path_factory):
     return target, draft, repeating
 
 
+ACCEPTANCE = "infer.speculative_policy=acceptance"  # drafts whatever a row costs (the cost policy: test_speculative)
+
+
 def run(model_dir, tmp_path, pp=1, tp=1, *extra):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -59,11 +62,15 @@ def test_greedy_equals_plain_greedy(models, plain, tmp_path, pp, tp, proposer):
     target, draft, repeating = models
     ngram = ["infer.speculative=ngram", "infer.ngram_min=1", "infer.ngram_max=3"]
     # the target drafting for itself keeps every draft only while the draft's steps round as the target's do: eager
-    # (the small draft runs compiled, as by default)
-    self_draft = ["infer.speculative=draft", f"infer.draft_model_dir={target}", "infer.draft_compile=false"]
+    # (the small draft runs compiled, as by default). A draft as dear as the target is worth no row to the cost
+    # policy: the draft cases verify under the acceptance policy; prompt lookup under the default cost policy
+    # (its step cost measured at load on stage 0's ranks, both of them at tp=2)
+    self_draft = ["infer.speculative=draft", f"infer.draft_model_dir={target}", "infer.draft_compile=false",
+                  ACCEPTANCE]
     model, want, extra = {"ngram": (target, plain[0], ngram), "ngram-repeating": (repeating, plain[2], ngram),
                           "draft-self": (target, plain[0], self_draft),
-                          "draft-small": (target, plain[0], ["infer.speculative=draft", f"infer.draft_model_dir={draft}"])
+                          "draft-small": (target, plain[0], ["infer.speculative=draft", f"infer.draft_model_dir={draft}",
+                                                             ACCEPTANCE])
                           }[proposer]
     got, s = run(model, tmp_path, pp, tp, *extra, "infer.num_speculative_tokens=4")
     assert got == want
@@ -84,7 +91,7 @@ def test_seeded_sampling_equals_plain_sampling(models, plain, tmp_path, pp):
     sampling = ("infer.temperature=1.0", "infer.top_p=0.9", "infer.seed=5")
     for d, accept in ((target, 1.0), (draft, None)):
         got, s = run(target, tmp_path, pp, 1, *sampling, "infer.speculative=draft", f"infer.draft_model_dir={d}",
-                     f"infer.draft_compile={accept is None and pp == 1}")
+                     f"infer.draft_compile={accept is None and pp == 1}", ACCEPTANCE)
         assert got == plain[1]
         if accept is not None:  # drafted with the target's own noise: the same draws
             assert s["acceptance_rate"] == accept
@@ -98,7 +105,7 @@ def test_large_batch_does_not_speculate(models, plain, tmp_path, pp):
     reply buffers are sized for the most draft rows a lane below the bound can bring, and are enough."""
     target, _, _ = models
     got, s = run(target, tmp_path, pp, 1, "infer.speculative=draft", f"infer.draft_model_dir={target}",
-                 "infer.draft_compile=false", f"infer.speculative_max_batch={1 + pp}")
+                 "infer.draft_compile=false", f"infer.speculative_max_batch={1 + pp}", ACCEPTANCE)
     assert got == plain[0]
     assert s["spec_skipped_steps"] > 0
     if pp == 2:  # the lane of 2 rows speculates, the lane of 3 does not
@@ -127,7 +134,7 @@ def test_server_reports_acceptance(models, plain, tmp_path):
     target, _, _ = models
     server = ServerProcess(target, str(tmp_path / "serve.log"), pp=2,
                            extra=["infer.speculative=draft", f"infer.draft_model_dir={target}",
-                                  "infer.draft_compile=false"]).wait_ready()
+                                  "infer.draft_compile=false", ACCEPTANCE]).wait_ready()
     try:
         status, body, _ = post(server.url + "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": MAX_NEW,
                                                                 "temperature": 0, "ignore_eos": True})

@@ -36,7 +36,8 @@ def acceptance(target, draft, tmp_path) -> float:
     proc = run_module("framework.generate", [f"model_dir={target}", f"prompts={prompts}", f"output={out}",
                                              "infer.max_new_tokens=16", "infer.ignore_eos=true",
                                              "infer.speculative=draft", f"infer.draft_model_dir={draft / 'export'}",
-                                             "infer.draft_compile=false", f"infer.summary={summary}"])
+                                             "infer.draft_compile=false", "infer.speculative_policy=acceptance",
+                                             f"infer.summary={summary}"])
     assert_ok(proc)
     return json.loads(summary.read_text())["acceptance_rate"]
 

@@ -1,6 +1,7 @@
 """Speculative decoding's pieces: the verification is an exact rejection sampler (chi-square against the target's
 distribution with deliberately bad drafts; its acceptance rate is the textbook min(1, p/q) sampler's), prompt
-lookup, the adaptive k, and the scheduler's draft rows, acceptance and cut-offs."""
+lookup, the adaptive k, the cost policy's choice of drafts, and the scheduler's draft rows, acceptance and
+cut-offs."""
 
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 from framework.infer.sampler import SamplingParams, sample
 from framework.infer.scheduler import Request, Scheduler
-from framework.infer.speculative import Acceptance, NgramProposer, accepted_prefix
+from framework.infer.speculative import Acceptance, NgramProposer, StepCost, accepted_prefix, choose_drafts
 
 V = 6
 # a bigram "model": the target's logits for the token after token i are TABLE[i]
@@ -146,6 +147,45 @@ def test_adaptive_k():
     assert b.next_k(4) == 4
 
 
+def test_acceptance_estimate_and_probes():
+    a = Acceptance()
+    assert a.alpha == 0.75 and a.worth(4) == (0.75, 4)  # optimistic start
+    for _ in range(12):
+        a.update(0, 2)  # every first draft refused: hopeless
+    assert a.alpha < 0.05
+    got = [a.worth(4) for _ in range(16)]
+    # a one-draft probe, weighed at PROBE_ALPHA, every 8th step; nothing in between
+    assert got.count((0.0, 0)) == 14 and got.count((Acceptance.PROBE_ALPHA, 1)) == 2
+    b = Acceptance(accepted=0.0, rejected=0.0)
+    for _ in range(20):
+        b.update(2, 4)  # two kept, then a rejection: alpha = 2 / 3 (the MLE over drafts tried)
+    assert abs(b.alpha - 2 / 3) < 1e-6
+
+
+def test_step_cost_interpolates_monotone():
+    c = StepCost([1, 4, 16], [6.0, 9.0, 8.0])  # a noisy 16 measured below 4: held at 9
+    assert c(1) == 6.0 and c(2) == 7.0 and c(4) == 9.0 and c(16) == 9.0 and c(10) == 9.0
+    assert StepCost([1, 2], [1.0, 3.0])(4) == 7.0  # linear past the last row count
+
+
+def test_cost_policy_chooses_drafts_that_pay_for_their_rows():
+    free = StepCost([1, 512], [1.0, 1.0])  # rows cost nothing (a step bound by reading the weights)
+    assert choose_drafts([(0.3, 4), (0.9, 2)], 2, 2, free) == [4, 2]
+    compute = StepCost([1, 512], [1.0, 512.0])  # a step's time proportional to its rows
+    assert choose_drafts([(0.9, 4)] * 8, 8, 8, compute) == [0] * 8  # no draft is worth a whole token
+    # 6 + 0.75 r (this CPU's 30M shape, in ms): at alpha 0.5 one row verifies 2 drafts (gains .5, .25 pay for their
+    # row, .125 no longer does)
+    cpu = StepCost([1, 65], [6.75, 54.75])
+    assert choose_drafts([(0.5, 4)], 1, 1, cpu) == [2]
+    assert choose_drafts([(0.9, 4)], 1, 1, cpu) == [4]
+    # at 16 rows only the likely drafts: the request accepting 90% verifies some, the one at 30% none
+    assert choose_drafts([(0.9, 4), (0.3, 4)] + [(0.0, 0)] * 14, 16, 16, cpu)[:2] == [3, 0]
+    # prompt tokens in the step count as rows: with 200 of them a draft row is nearly free again
+    assert choose_drafts([(0.5, 4)], 201, 1, cpu) == [4]
+    # a draft model's steps: each draft deep costs one; a draft step dearer than a verification row gets fewer
+    assert choose_drafts([(0.5, 4)], 1, 1, cpu, StepCost([1, 64], [1.0, 1.0])) == [1]
+
+
 class FixedProposer:
     def __init__(self, draft):
         self.draft, self.calls = draft, 0
@@ -200,6 +240,21 @@ def test_scheduler_cuts_drafts_at_limits_and_eos():
     plan = sched.schedule(0)
     sched.complete(plan, [1, 0, 3, 4])
     assert seq.generated == [9, 1, 0] and seq.finish_reason == "stop"
+
+
+def test_scheduler_cost_policy():
+    # rows nearly free: every row verifies its k drafts
+    prop = FixedProposer([1, 2, 3, 4])
+    sched = Scheduler(4, 1, 64, max_len=64, proposer=prop, num_speculative_tokens=4,
+                      step_cost=StepCost([1, 64], [1.0, 1.1]))
+    prefill(sched, [[5, 6], [7, 8]], max_new_tokens=8)
+    assert len(sched.schedule(0).dec_slots) == 2 * 5
+    # rows as dear as tokens: no drafts, and the step counts as one without
+    prop = FixedProposer([1, 2, 3, 4])
+    sched = Scheduler(4, 1, 64, max_len=64, proposer=prop, num_speculative_tokens=4,
+                      step_cost=StepCost([1, 64], [1.0, 64.0]))
+    prefill(sched, [[5, 6], [7, 8]], max_new_tokens=8)
+    assert len(sched.schedule(0).dec_slots) == 2 and prop.calls == 0 and sched.spec_skipped_steps == 1
 
 
 def test_scheduler_skips_speculation_for_large_batches_and_penalties():
