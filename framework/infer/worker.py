@@ -28,6 +28,7 @@ On CUDA, by construction (each rule is cited where the code follows it):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -143,17 +144,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, window: int, masked: bool,
-                     block: tuple[int, int] | None = None) -> torch.Tensor:
+                     positions: torch.Tensor, window: int, masked: bool, runs: SlotRuns | None = None) -> torch.Tensor:
     """One new query a row against its cached keys 0..position, within the first ``window`` positions of the
-    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask. Rows whose slots
-    are known on the host to be ``block`` = (first, r): the slots first, first+1, ... each r times in a row (one
-    row a slot; or a slot's row and its draft rows when speculating, eager only) read a view of the cache, shared
-    by a slot's rows, instead of a gathered copy a row."""
-    if block is not None:
-        first, r = block
-        u = q.shape[0] // r
-        k, v = kc[first: first + u, :, :window], vc[first: first + u, :, :window]  # (U, KV, W, hd)
+    cache. q (B, H, hd) -> (B, H*hd). One row whose window is exactly its context needs no mask. With ``runs``
+    (eager steps: ``slot_runs``), a slot's rows (its row and its draft rows when speculating) read its cache once,
+    through a view when the slots are consecutive, else gathered once a slot, runs shorter than the longest padded
+    to it; without (the compiled step), a gathered copy a row."""
+    n = q.shape[0]
+    if runs is not None:
+        u, r = runs.u, runs.r
+        if runs.first is not None:
+            k, v = kc[runs.first: runs.first + u, :, :window], vc[runs.first: runs.first + u, :, :window]
+        else:
+            k, v = kc[:, :, :window].index_select(0, runs.slots), vc[:, :, :window].index_select(0, runs.slots)
+        if runs.pad_index is not None:  # padding rows at position 0: finite, and dropped below
+            q = q.new_zeros(u * r, *q.shape[1:]).index_copy_(0, runs.pad_index, q)
+            positions = positions.new_zeros(u * r).index_copy_(0, runs.pad_index, positions)
     else:
         r = 1
         k = kc[:, :, :window].index_select(0, slots)  # (B, KV, W, hd)
@@ -169,8 +175,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
         scores = scores.view(u, kv, r, g, window).masked_fill(hidden.view(u, 1, r, 1, window), float("-inf"))
         scores = scores.view(u, kv, r * g, window)
     p = scores.float().softmax(-1).to(q.dtype)
-    out = torch.matmul(p, v)  # (U, KV, r*g, hd)
-    return out.view(u, kv, r, g, hd).transpose(1, 2).reshape(B, H * hd)
+    out = torch.matmul(p, v).view(u, kv, r, g, hd).transpose(1, 2).reshape(B, H * hd)  # (U, KV, r*g, hd) -> rows
+    return out if B == n else out.index_select(0, runs.pad_index)
 
 
 def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -188,16 +194,34 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot:
     return y[0].transpose(0, 1).reshape(T, H * hd)
 
 
-def slot_runs(slots: list[int]) -> tuple[int, int] | None:
-    """(first, r) when ``slots`` are consecutive slots each repeated r times in a row (first, ..., first, first + 1,
-    ...), else None."""
-    r = 1
-    while r < len(slots) and slots[r] == slots[0]:
-        r += 1
-    if len(slots) % r:
-        return None
-    first = slots[0]
-    return (first, r) if slots == [first + i // r for i in range(len(slots))] else None
+@dataclass
+class SlotRuns:
+    """A decode step's rows as runs of one slot each (a slot's row, then its draft rows), found on the host once a
+    step for every layer's attention: ``u`` runs, padded to the longest, ``r`` rows; ``first`` when the slots are
+    first, first + 1, ... (the cache is read through views), else ``slots`` to gather once a slot; ``pad_index``
+    (row -> its place among the u * r padded rows) when the runs differ in length."""
+
+    u: int
+    r: int
+    first: int | None
+    slots: torch.Tensor | None
+    pad_index: torch.Tensor | None
+
+
+def slot_runs(slots: list[int], device: torch.device | str = "cpu") -> SlotRuns:
+    """The runs of ``slots`` (a step's decode rows, a slot's rows consecutive)."""
+    uniq, counts = [], []
+    for s in slots:
+        if uniq and uniq[-1] == s:
+            counts[-1] += 1
+        else:
+            uniq.append(s)
+            counts.append(1)
+    u, r = len(uniq), max(counts)
+    first = uniq[0] if uniq == list(range(uniq[0], uniq[0] + u)) else None
+    pad = None if all(c == r for c in counts) else torch.tensor(
+        [i * r + j for i, c in enumerate(counts) for j in range(c)], device=device)
+    return SlotRuns(u, r, first, None if first is not None else torch.tensor(uniq, device=device), pad)
 
 
 def window_buckets(max_len: int, smallest: int = 16) -> list[int]:
@@ -343,11 +367,11 @@ class StageWorker:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_vocab(self.w.lm_head(self.w.norm(x)))
 
-    def _decode_step(self, x, slots, positions, window: int, masked: bool, block: tuple[int, int] | None = None):
-        """Decode-only step (the compiled one, with ``block`` None): one token per row."""
+    def _decode_step(self, x, slots, positions, window: int, masked: bool, runs: SlotRuns | None = None):
+        """Decode-only step (the compiled one, with ``runs`` None): one token per row."""
         if self.first:
             x = self._embed(x)
-        x = self._layers(x, positions, slots, (slots, positions, window, masked, block), [])
+        x = self._layers(x, positions, slots, (slots, positions, window, masked, runs), [])
         return self._head(x) if self.last else x
 
     # -- a step -------------------------------------------------------------------------------------------
@@ -415,7 +439,7 @@ class StageWorker:
         if n_dec:
             win = window_for(plan.dec_pos, self.window_bucket, self.cache.max_len)
             dec = (tok_slots[:n_dec], positions[:n_dec], win, n_dec > 1 or win != plan.dec_pos[0] + 1,
-                   slot_runs(plan.dec_slots))
+                   slot_runs(plan.dec_slots, self.device))
         h = self._embed(x) if self.first else x
         h = self._layers(h, positions, tok_slots, dec, plan.segs)
         if self.last:
@@ -458,16 +482,23 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         self.busy_s = 0.0
 
-    def time_rows(self, rows: list[int], context: int = 1, reps: int = 2) -> list[float]:
-        """Seconds of a decode step of r rows (on the scratch slot, each at ``context`` positions) for each r of
-        ``rows``: the fastest of ``reps`` after one untimed step of that count (the least disturbed by whatever
-        else runs). Every tp rank of a stage calls it together."""
+    def time_rows(self, rows: list[int], context: int = 256, reps: int = 2) -> list[float]:
+        """Seconds of a decode step of r rows for each r of ``rows``, laid out as a speculating step lays them out:
+        over min(r, slots) slots (runs of one slot each), every row at about ``context`` positions (capped by the
+        cache); the fastest of ``reps`` after one untimed step of that count. It writes only keys and values past
+        ``context`` of slots no request holds yet (a request's prefill writes its own before any row reads them).
+        Every tp rank of a stage calls it together."""
         from framework.infer.step import StepPlan
 
+        n_slots, ctx = self.cache.n_slots, max(0, min(context, self.cache.max_len - 1 - max(rows)))
         out = []
         for n in rows:
+            u = min(n, n_slots)
+            counts = [n // u + (i < n % u) for i in range(u)]
+            slots = [s for s, c in enumerate(counts) for _ in range(c)]
+            pos = [min(ctx + j, self.cache.max_len - 1) for c in counts for j in range(c)]
             x = None if self.first else torch.zeros(n, self.w.args.dim, dtype=self.dtype, device=self.device)
-            plan = StepPlan(dec_slots=[self.cache.scratch] * n, dec_pos=[context] * n, tokens=[0] * n)
+            plan = StepPlan(dec_slots=slots, dec_pos=pos, tokens=[0] * n)
             times = []
             for i in range(reps + 1):
                 if self.cuda:
@@ -503,9 +534,8 @@ class StageWorker:
         if x is None:
             x = staged[2]
         masked = self.compiled or padded > 1 or win != pos[0] + 1  # compiled: one graph whatever the row's length
-        block = None if self.compiled else slot_runs(slots)
-        if block is not None:  # eager, consecutive slots: views of the cache
-            out = self._decode_step(x, t_slots, t_pos, win, masked, block)
+        if not self.compiled:  # eager: each slot's cache read once (slot_runs)
+            out = self._decode_step(x, t_slots, t_pos, win, masked, slot_runs(slots, self.device))
         else:
             if self.compiled and self.cuda:
                 # The outputs of the previous replay are no longer read (the rule of CUDA-graph trees for

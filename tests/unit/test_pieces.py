@@ -204,17 +204,23 @@ def test_lanes_share_the_prefill_budget_and_a_long_prompt_is_chunked():
     assert {p.lane for p in steps} == {0, 1} and sched.running == 0 and not sched.waiting
 
 
-def test_decode_attention_reads_a_slots_rows_from_one_view():
-    """Rows of consecutive slots, r rows a slot (a slot's row and its draft rows), attend through views of the cache
-    shared by a slot's rows: the same result as the gathered copy a row, and slot_runs finds exactly those layouts."""
+def test_decode_attention_reads_each_slots_cache_once():
+    """A step's rows as runs of one slot (a slot's row and its draft rows) attend through one read of the slot's
+    cache: views for consecutive slots, one gathered copy a slot otherwise, runs of unequal length padded to the
+    longest; the same result as the gathered copy a row (the compiled step's path)."""
     from framework.infer.worker import decode_attention, slot_runs
 
-    assert slot_runs([3, 4, 5]) == (3, 1) and slot_runs([2, 2, 2, 2, 2]) == (2, 5)
-    assert slot_runs([0, 0, 1, 1]) == (0, 2)
-    assert slot_runs([0, 0, 1]) is None and slot_runs([1, 0]) is None and slot_runs([0, 0, 2, 2]) is None
+    r = slot_runs([3, 4, 5])
+    assert (r.u, r.r, r.first, r.slots, r.pad_index) == (3, 1, 3, None, None)
+    r = slot_runs([2, 2, 2, 2, 2])
+    assert (r.u, r.r, r.first, r.pad_index) == (1, 5, 2, None)
+    r = slot_runs([0, 0, 2, 2, 2, 5])
+    assert (r.u, r.r, r.first, r.slots.tolist(), r.pad_index.tolist()) == (3, 3, None, [0, 2, 5], [0, 1, 3, 4, 5, 6])
     torch.manual_seed(0)
-    kc, vc = torch.randn(4, 2, 32, 8), torch.randn(4, 2, 32, 8)  # (slots, kv heads, positions, head dim)
-    for slots, positions in (([1, 1, 1, 2, 2, 2], [5, 6, 7, 9, 10, 11]), ([0, 1, 2], [3, 20, 7]), ([2] * 5, [4, 5, 6, 7, 8])):
+    kc, vc = torch.randn(6, 2, 32, 8), torch.randn(6, 2, 32, 8)  # (slots, kv heads, positions, head dim)
+    for slots, positions in (([1, 1, 1, 2, 2, 2], [5, 6, 7, 9, 10, 11]), ([0, 1, 2], [3, 20, 7]), ([2] * 5, [4, 5, 6, 7, 8]),
+                             ([0, 2, 4], [3, 9, 1]), ([1, 2, 2, 3, 3, 3], [4, 8, 9, 20, 21, 22]),
+                             ([5, 5, 0, 3, 3, 3], [2, 3, 11, 6, 7, 8])):
         q = torch.randn(len(slots), 4, 8)
         window = max(positions) + 1
         s, p = torch.tensor(slots), torch.tensor(positions)
