@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from framework.infer.cache import SlotPool
 from framework.infer.detok import StopScanner
 from framework.infer.sampler import SamplingParams, unpack_logprobs
-from framework.infer.speculative import SpecStats, accepted_prefix, choose_drafts
+from framework.infer.speculative import Acceptance, SpecStats, accepted_prefix, choose_drafts
 from framework.infer.step import StepPlan
 
 
@@ -101,7 +101,10 @@ class Scheduler:
         self.proposer, self.k_max, self.spec_max_batch = proposer, num_speculative_tokens, speculative_max_batch
         # the cost policy: a step's seconds against its rows (speculative.StepCost); None: the acceptance policy
         self.step_cost = step_cost
-        self.spec = SpecStats()  # the engine's counters (server metrics, the generate summary)
+        # the engine's counters (server metrics, the generate summary); its estimate over its recent verifications,
+        # which starts where a request's does but worth a single draft (so the first verifications move it), is
+        # where a new request's starts
+        self.spec = SpecStats(adapt=Acceptance(accepted=0.75, rejected=0.25, decay=0.9))
         self.spec_skipped_steps = 0  # steps that decoded without drafts: too many rows, or none worth its row
 
     # -- state --------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class Scheduler:
         while self.policy == "continuous" and budget > sum(
                 s.prompt_len - s.prefilled for s in seqs if s.prefilled < s.prompt_len) and self._can_admit(lane):
             req = self.waiting.popleft()
-            seq = Sequence(req, self.pools[lane].take(), lane)
+            seq = self._sequence(req, self.pools[lane].take(), lane)
             seqs.append(seq)
         chunks = []  # prompt chunks, oldest first, within the budget
         for s in seqs:
@@ -236,12 +239,19 @@ class Scheduler:
             return {}
         return {s.slot: d[:k] for s, k, d in zip(seqs, ks, self.proposer.propose(seqs, ks)) if d}
 
+    def _sequence(self, req: Request, slot: int, lane: int) -> Sequence:
+        """A new running sequence; its acceptance estimate starts from the engine's recent one (the workload's
+        acceptance, until its own verifications say otherwise)."""
+        seq = Sequence(req, slot, lane)
+        seq.spec.adapt = self.spec.adapt.prior()
+        return seq
+
     def _admit_static_group(self) -> None:
         """Static batching (the baseline): the next group of requests, spread over the lanes, all at once."""
         while self.waiting and self.free_slots:
             for lane, pool in enumerate(self.pools):
                 if self.waiting and len(pool):
-                    self.lanes[lane].append(Sequence(self.waiting.popleft(), pool.take(), lane))
+                    self.lanes[lane].append(self._sequence(self.waiting.popleft(), pool.take(), lane))
 
     def _slot_top(self, plan: StepPlan) -> dict[int, int]:
         """Alternatives each slot of the lane's step asks for (-1: none)."""

@@ -68,6 +68,11 @@ class Acceptance:
         self.rejected = self.decay * self.rejected + (1.0 if accepted < proposed else 0.0)
         self.idle = 0
 
+    def prior(self, weight: float = 4.0) -> Acceptance:
+        """A new request's estimate: this one's acceptance, worth ``weight`` drafts of evidence (as the optimistic
+        start, 3 accepted and 1 rejection, is)."""
+        return Acceptance(accepted=weight * self.alpha, rejected=weight * (1.0 - self.alpha))
+
     @property
     def alpha(self) -> float:
         """Per-token acceptance: each draft verified is a trial until the first rejection, so accepted / (accepted

@@ -222,6 +222,20 @@ def test_scheduler_draft_rows_and_acceptance():
     assert sched.spec.acceptance_rate == 0.5 and sched.spec.mean_accepted_length == 3.0
 
 
+def test_new_requests_start_from_the_engines_acceptance():
+    sched = make_sched(FixedProposer([1, 2, 3, 4]))
+    (seq,) = prefill(sched, [[5, 6, 7]], max_new_tokens=20)
+    assert seq.spec.adapt.alpha == 0.75  # nothing verified yet: the optimistic start
+    for _ in range(3):
+        plan = sched.schedule(0)
+        sched.complete(plan, [8] * plan.n_sample)  # every first draft refused
+    sched.add(Request(7, [5, 6], SamplingParams(max_new_tokens=8)))
+    plan = sched.schedule(0)
+    new = next(s for s in sched.lanes[0] if s.request.index == 7)
+    # the workload's recent acceptance, not the optimistic start: a new request of a refusing workload drafts less
+    assert new.spec.adapt.alpha == sched.spec.adapt.alpha < 0.2
+
+
 def test_scheduler_cuts_drafts_at_limits_and_eos():
     # max_new_tokens: 3 tokens left after the first, so at most 2 drafts (the verification emits up to 3)
     sched = make_sched(FixedProposer([1, 2, 3, 4]))
