@@ -233,6 +233,9 @@ class Scheduler:
             worth = [s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)]
             ks = choose_drafts([(a, min(k, cap)) for (a, k), cap in zip(worth, caps)], rows, len(decoding),
                                self.step_cost, getattr(self.proposer, "step_cost", None))
+            for s, k in zip(seqs, ks):
+                if not k:
+                    s.spec.adapt.declined()
         seqs, ks = [s for s, k in zip(seqs, ks) if k > 0], [k for k in ks if k > 0]
         if not seqs:
             self.spec_skipped_steps += 1

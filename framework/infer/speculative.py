@@ -81,11 +81,18 @@ class Acceptance:
 
     def worth(self, k_max: int) -> tuple[float, int]:
         """(acceptance, most drafts) the cost policy weighs this request's drafts at this step: its estimate and
-        k_max; while hopeless, one probe draft weighed at PROBE_ALPHA every PROBE_EVERY steps, none in between."""
-        if self.accepted / max(self.rejected, 1e-6) >= self.MIN_RUN:
-            return self.alpha, k_max
+        k_max; none while hopeless; and once PROBE_EVERY steps have gone by without a verification (declined by
+        the policy, or hopeless), one probe draft weighed at least PROBE_ALPHA, so that an estimate the policy
+        stopped verifying is measured again (the text may have turned repetitive)."""
+        if self.idle >= self.PROBE_EVERY:
+            return max(self.alpha, self.PROBE_ALPHA), 1
+        if self.accepted / max(self.rejected, 1e-6) < self.MIN_RUN:
+            return 0.0, 0
+        return self.alpha, k_max
+
+    def declined(self) -> None:
+        """The cost policy gave this request no draft this step."""
         self.idle += 1
-        return (self.PROBE_ALPHA, 1) if self.idle % self.PROBE_EVERY == 0 else (0.0, 0)
 
     def next_k(self, k_max: int) -> int:
         """One more draft than the expected accepted run, within 1..k_max; 0 (no drafts this step) while

@@ -153,9 +153,20 @@ def test_acceptance_estimate_and_probes():
     for _ in range(12):
         a.update(0, 2)  # every first draft refused: hopeless
     assert a.alpha < 0.05
-    got = [a.worth(4) for _ in range(16)]
-    # a one-draft probe, weighed at PROBE_ALPHA, every 8th step; nothing in between
-    assert got.count((0.0, 0)) == 14 and got.count((Acceptance.PROBE_ALPHA, 1)) == 2
+    got = []
+    for _ in range(8):
+        got.append(a.worth(4))
+        if got[-1][1] == 0:
+            a.declined()
+    # nothing while hopeless, then, 8 steps without a verification on, a one-draft probe weighed at PROBE_ALPHA
+    assert got == [(0.0, 0)] * 8 and a.worth(4) == (Acceptance.PROBE_ALPHA, 1)
+    a.update(1, 1)  # the probe was kept: measured again, no longer idle
+    assert a.idle == 0
+    c = Acceptance(accepted=1.0, rejected=3.0)  # 25%: not hopeless, but a policy may keep declining it
+    for _ in range(Acceptance.PROBE_EVERY):
+        assert c.worth(4) == (0.25, 4)
+        c.declined()
+    assert c.worth(4) == (0.5, 1)  # then probed, so that its estimate does not freeze
     b = Acceptance(accepted=0.0, rejected=0.0)
     for _ in range(20):
         b.update(2, 4)  # two kept, then a rejection: alpha = 2 / 3 (the MLE over drafts tried)
