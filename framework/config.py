@@ -322,11 +322,12 @@ class InferConfig:
     """How many drafts a step verifies (framework/infer/speculative.py): cost (the drafts whose expected tokens pay
     for their rows, by the step cost against rows measured at load on this machine) or acceptance (k from the
     request's acceptance alone, whatever a row costs)."""
-    speculative_max_batch: int = 32
-    """Decode rows in a step from which no drafts are added at all (a bound on the rows a step can have). Below it
-    the policy decides; measured (30M Llama, CPU, eager): a step of 5r rows costs 1.5x one of r rows at r = 1, 2.3x
-    at r = 4 and ~3.2x from r = 16 (compute-bound), so on this CPU only drafts of high acceptance pay past a few
-    rows. GPUs stay weight-bound to larger batches: scripts/bench_spec.py's "forced on" column measures it."""
+    speculative_max_batch: int = 16
+    """Decode rows in a step from which no drafts are added at all (also a bound on the rows a step can have).
+    Below it the policy decides. Measured (30M Llama, CPU, eager, scripts/bench_spec.py): a step of 5r rows costs
+    1.4-1.7x one of r rows at r = 1, 2.0-2.5x at 4 and 2.1-2.7x at 16, and with the bound at 32 the cost policy
+    still lost 20-25% at batch 16 (its step cost does not count the work a draft row brings outside the stage's
+    step), so 16. GPUs stay weight-bound to larger batches: the bench's "forced on" column measures it there."""
 
 
 @dataclass
