@@ -228,14 +228,13 @@ class Scheduler:
                 seqs.append(s)
                 caps.append(cap)
         if self.step_cost is None:
-            ks = [min(s.spec.adapt.next_k(self.k_max), cap) for s, cap in zip(seqs, caps)]
+            ks = [s.spec.adapt.next_k(cap) for s, cap in zip(seqs, caps)]
         else:
-            worth = [s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)]
-            ks = choose_drafts([(a, min(k, cap)) for (a, k), cap in zip(worth, caps)], rows, len(decoding),
+            ks = choose_drafts([s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)], rows, len(decoding),
                                self.step_cost, getattr(self.proposer, "step_cost", None))
-            for s, k in zip(seqs, ks):
-                if not k:
-                    s.spec.adapt.declined()
+        for s, k in zip(seqs, ks):
+            if not k:
+                s.spec.adapt.declined()
         seqs, ks = [s for s, k in zip(seqs, ks) if k > 0], [k for k in ks if k > 0]
         if not seqs:
             self.spec_skipped_steps += 1

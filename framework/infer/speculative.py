@@ -40,6 +40,7 @@ the tokens it has seen).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,7 @@ class Acceptance:
     idle: int = 0  # steps since the last verification while the estimate says drafts are hopeless
 
     MIN_RUN = 0.1  # below ~9% acceptance a draft row costs more than it returns:
-    PROBE_EVERY = 8  # speculate only every 8th step, so that a request whose text turns repetitive is noticed
+    PROBE_EVERY = 8  # steps without a verification after which a request probes one draft (text may turn repetitive)
 
     PROBE_ALPHA = 0.5  # what a probe is weighed at under the cost policy
 
@@ -79,6 +80,9 @@ class Acceptance:
         + rejections) is its maximum-likelihood estimate."""
         return self.accepted / (self.accepted + self.rejected)
 
+    def _hopeless(self) -> bool:
+        return self.accepted / max(self.rejected, 1e-6) < self.MIN_RUN
+
     def worth(self, k_max: int) -> tuple[float, int]:
         """(acceptance, most drafts) the cost policy weighs this request's drafts at this step: its estimate and
         k_max; none while hopeless; and once PROBE_EVERY steps have gone by without a verification (declined by
@@ -86,23 +90,18 @@ class Acceptance:
         stopped verifying is measured again (the text may have turned repetitive)."""
         if self.idle >= self.PROBE_EVERY:
             return max(self.alpha, self.PROBE_ALPHA), 1
-        if self.accepted / max(self.rejected, 1e-6) < self.MIN_RUN:
-            return 0.0, 0
-        return self.alpha, k_max
+        return (0.0, 0) if self._hopeless() else (self.alpha, k_max)
 
     def declined(self) -> None:
-        """The cost policy gave this request no draft this step."""
+        """This request got no draft this step (either policy)."""
         self.idle += 1
 
     def next_k(self, k_max: int) -> int:
-        """One more draft than the expected accepted run, within 1..k_max; 0 (no drafts this step) while
-        acceptance is hopeless, but for a one-draft probe every PROBE_EVERY steps."""
-        run = self.accepted / max(self.rejected, 1e-6)
-        if run < self.MIN_RUN:
-            self.idle += 1
-            if self.idle % self.PROBE_EVERY:
-                return 0
-        return max(1, min(k_max, int(run) + 1))
+        """The acceptance policy: one more draft than the expected accepted run, within 1..k_max; 0 while
+        acceptance is hopeless, but for a one-draft probe once PROBE_EVERY steps went by without a verification."""
+        if self.idle >= self.PROBE_EVERY:
+            return 1
+        return 0 if self._hopeless() else max(1, min(k_max, int(self.accepted / max(self.rejected, 1e-6)) + 1))
 
 
 @dataclass
@@ -152,9 +151,7 @@ class StepCost:
         rows, secs = self.rows, self.secs
         if len(rows) == 1:
             return secs[0] * max(r, 1) / rows[0]
-        i = 1
-        while i < len(rows) - 1 and rows[i] < r:
-            i += 1
+        i = min(max(bisect_left(rows, r), 1), len(rows) - 1)  # the segment holding r (the last one past it)
         r0, r1, t0, t1 = rows[i - 1], rows[i], secs[i - 1], secs[i]
         return max(t0 + (t1 - t0) * (r - r0) / (r1 - r0), secs[0])
 

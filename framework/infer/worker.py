@@ -155,8 +155,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots:
         u, r = runs.u, runs.r
         if runs.first is not None:
             k, v = kc[runs.first: runs.first + u, :, :window], vc[runs.first: runs.first + u, :, :window]
-        else:
-            k, v = kc[:, :, :window].index_select(0, runs.slots), vc[:, :, :window].index_select(0, runs.slots)
+        else:  # one row a slot: the step's own (staged) slots
+            idx = runs.slots if runs.slots is not None else slots
+            k, v = kc[:, :, :window].index_select(0, idx), vc[:, :, :window].index_select(0, idx)
         if runs.pad_index is not None:  # padding rows at position 0: finite, and dropped below
             q = q.new_zeros(u * r, *q.shape[1:]).index_copy_(0, runs.pad_index, q)
             positions = positions.new_zeros(u * r).index_copy_(0, runs.pad_index, positions)
@@ -198,7 +199,8 @@ def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot:
 class SlotRuns:
     """A decode step's rows as runs of one slot each (a slot's row, then its draft rows), found on the host once a
     step for every layer's attention: ``u`` runs, padded to the longest, ``r`` rows; ``first`` when the slots are
-    first, first + 1, ... (the cache is read through views), else ``slots`` to gather once a slot; ``pad_index``
+    first, first + 1, ... (the cache is read through views), else ``slots`` to gather once a slot (None for one row
+    a slot: the step's own row slots); ``pad_index``
     (row -> its place among the u * r padded rows) when the runs differ in length."""
 
     u: int
@@ -221,7 +223,8 @@ def slot_runs(slots: list[int], device: torch.device | str = "cpu") -> SlotRuns:
     first = uniq[0] if uniq == list(range(uniq[0], uniq[0] + u)) else None
     pad = None if all(c == r for c in counts) else torch.tensor(
         [i * r + j for i, c in enumerate(counts) for j in range(c)], device=device)
-    return SlotRuns(u, r, first, None if first is not None else torch.tensor(uniq, device=device), pad)
+    # the slots to gather, where not consecutive: none to make for one row a slot (the step's row slots are they)
+    return SlotRuns(u, r, first, None if first is not None or r == 1 else torch.tensor(uniq, device=device), pad)
 
 
 def window_buckets(max_len: int, smallest: int = 16) -> list[int]:

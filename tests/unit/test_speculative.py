@@ -136,8 +136,14 @@ def test_adaptive_k():
     assert a.next_k(4) == 4  # optimistic start
     for _ in range(10):
         a.update(0, 1)
-    ks = [a.next_k(4) for _ in range(16)]
-    assert ks.count(0) == 14 and ks.count(1) == 2  # hopeless: a one-draft probe every 8th step only
+    ks = []
+    for _ in range(18):
+        ks.append(a.next_k(4))
+        if ks[-1]:
+            a.update(0, 1)  # the probe refused too
+        else:
+            a.declined()
+    assert ks == ([0] * 8 + [1]) * 2  # hopeless: a one-draft probe after 8 steps without a verification
     b = Acceptance()
     for _ in range(6):
         b.update(1, 3)  # one kept per rejection: ask for 2
