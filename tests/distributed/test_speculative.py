@@ -118,6 +118,7 @@ def test_bad_speculative_settings_fail_in_one_line(models, tmp_path):
     src.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
     for extra, words in ((["infer.speculative=draft"], "draft_model_dir"),
                          (["infer.speculative=medusa"], "none, ngram or draft"),
+                         (["infer.speculative=ngram", "infer.speculative_policy=fastest"], "cost or acceptance"),
                          (["infer.speculative=ngram", "infer.ngram_min=3", "infer.ngram_max=2"], "ngram_min"),
                          (["infer.speculative=draft", f"infer.draft_model_dir={tmp_path}/nowhere"], "not found")):
         proc = run_module("framework.generate", [f"model_dir={target}", f"prompts={src}", *extra])
