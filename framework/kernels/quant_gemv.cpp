@@ -21,6 +21,15 @@ namespace {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowsPass = 4;  // output rows a pass: their weight streams interleave, x is loaded once for them
 constexpr int64_t kMaxBatch = 4;  // activation rows a pass: more are done in further passes over cached weights
+// How far ahead of the pass (in passes of kRowsPass rows) its weights are prefetched. A pass widens each byte in a few
+// instructions, so the out-of-order window covers few cache lines and the hardware prefetcher alone left the kernels
+// waiting on memory: measured on 100-600 MB of weights, one thread streamed 5-7 GB/s where fp32 mv streams 14.5.
+constexpr int64_t kAheadPasses = 2;
+
+// Prefetch the i-th cache line of a region; a line past the weights' end is a harmless hint (no fault on x86/ARM).
+inline void prefetch_line(const void* base, int64_t i) {
+  __builtin_prefetch(static_cast<const char*>(base) + 64 * i, 0, 3);
+}
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -66,8 +75,11 @@ template <int64_t MB, int64_t R>
 void int8_pass(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N, int64_t n) {
   Vec acc[MB][R];
   for (int64_t m = 0; m < MB; ++m) for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
+  // this pass reads R * K contiguous bytes in K / 16 steps: R / 4 lines of a later pass a step keep pace with it
+  const int8_t* ahead = w + (n + kAheadPasses * R) * K;
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
+    if (R >= 4 || (k & 63) == 0) prefetch_line(ahead, (k * R) / 64);
     Vec wv[R];
     for (int64_t r = 0; r < R; ++r) wv[r] = widen_i8(w + (n + r) * K + k);
     for (int64_t m = 0; m < MB; ++m) {
@@ -92,10 +104,12 @@ void int4_pass(const float* x, const uint8_t* w, const float* scale, const float
   Vec acc[MB][R];
   for (int64_t m = 0; m < MB; ++m) for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
   const int64_t groups = K / group;
+  const uint8_t* ahead = w + (n + kAheadPasses * R) * (K / 2);  // R * K / 2 bytes a pass, R * 16 a 32-feature step
   for (int64_t g = 0; g < groups; ++g) {
     Vec table[R];
     for (int64_t r = 0; r < R; ++r) table[r] = group_table(scale[(n + r) * groups + g], zero[(n + r) * groups + g]);
     for (int64_t k = g * group; k < (g + 1) * group; k += 2 * kLanes) {
+      if (R >= 4 || (k & 127) == 0) prefetch_line(ahead, (k * R) / 128);
       Vec lo[R], hi[R];
       for (int64_t r = 0; r < R; ++r) widen_i4(w + (n + r) * (K / 2) + k / 2, table[r], &lo[r], &hi[r]);
       for (int64_t m = 0; m < MB; ++m) {
