@@ -13,7 +13,9 @@ bench_compress), so the head is a small part of the bytes and the table measures
 Bytes a token: the tensors a step reads whole (every linear weight with its scales, the norms, the head; not the
 embedding table, of which a step reads one row, nor the KV cache), divided by the batch. GB/s: those bytes a step
 over the time of a step. Every configuration runs in each of ``--rounds`` interleaved rounds; the table gives
-medians, so that a noisy machine moves every row alike.
+medians, so that a noisy machine moves every row alike. A second table splits each batch-1 step into the weights'
+products (the profiler's self times of the product calls) and the rest (the compiled graph's own code and wrapper,
+guards, attention, norms): the rest is what fewer bytes cannot shrink, so it bounds the ratio to fp32 a shape allows.
 
     flock /tmp/miaotui-bench.lock .venv/bin/python scripts/bench_quant.py            # both shapes, ~15-25 min
     .venv/bin/python scripts/bench_quant.py --shapes 30m --modes compiled --batches 1 --rounds 3   # a quick look
@@ -118,6 +120,47 @@ def time_steps(cfg: dict, steps: int) -> float:
         return (time.perf_counter() - start) / steps
 
 
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+               "mkldnn::_linear_pointwise")
+
+
+def product_share(cfg: dict, steps: int) -> float:
+    """The share of a step spent in the calls that multiply by the weights (framework/kernels' operators, aten's
+    int8/int4 and fp32 products): their self times over the wall time of ``steps`` profiled steps (a share, so
+    that the profiler's own overhead cancels out of it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_s = time_steps(cfg, steps)
+    us = sum(e.self_cpu_time_total for e in prof.key_averages()
+             if e.key.startswith("miaotui_quant::") or e.key in PRODUCT_OPS)
+    return min(1.0, us / 1e6 / steps / step_s)
+
+
+def breakdown(name: str, configs: dict, times: dict, products: dict, band: float) -> list[str]:
+    """Where a batch-1 step's time goes (``products``: the share of each in its products): the weights' products
+    against everything else (the compiled graph's own code and wrapper, dynamo's guards, attention, norms), and the
+    ratio to the best fp32 step that the rest alone would leave if the products took no time."""
+    tok = {k: k[1] / statistics.median(v) for k, v in times.items()}
+    fp32 = [k for k in tok if k[0] == "fp32" and k[1] == 1]
+    if not fp32:
+        return []
+    best = min(statistics.median(times[k]) for k in fp32)
+    lines = [f"{name}: where a batch-1 step's time goes (products: the weights' matrix products, profiled self times; "
+             "rest: everything else)", "",
+             "| variant | mode | step ms | products ms | products GB/s | rest ms | x best fp32 | x best fp32 if products "
+             "were free |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, share in products.items():
+        variant, _, mode = key
+        step = statistics.median(times[key])
+        prod, rest = step * share, max(step * (1 - share), 1e-9)
+        lines.append(f"| {variant} | {mode} | {step * 1e3:.2f} | {prod * 1e3:.2f} | "
+                     f"{configs[key]['bytes'] / prod / 1e9:.1f} | {rest * 1e3:.2f} | {best / step:.2f}x | "
+                     f"{best / rest:.1f}x |")
+    return lines + [f"(read bandwidth in the same run: {band:.1f} GB/s)", ""]
+
+
 def kernel_crossover(dim: int, ffn: int, rows_list: list[int], reps: int = 20) -> list[str]:
     """Microseconds a call of the gate|up matrix, CPU decode kernel against aten's, by rows (where to dispatch)."""
     import torch.nn as nn
@@ -169,7 +212,10 @@ def bench_shape(name: str, a) -> list[str]:
         for key, cfg in configs.items():
             times[key].append(time_steps(cfg, a.steps))
     band = {t: statistics.median(v) for t, v in bw.items()}
-    return table(name, configs, times, band, a.threads)
+    # an fp32 compiled step's products are inductor's own loops, not calls: only the others are split
+    products = {k: product_share(cfg, a.steps) for k, cfg in configs.items()
+                if k[1] == 1 and k[0] != "bf16" and not (k[0] == "fp32" and k[2] == "compiled")}
+    return table(name, configs, times, band, a.threads) + [""] + breakdown(name, configs, times, products, band[a.threads])
 
 
 def table(name: str, configs: dict, times: dict, band: dict, threads: int) -> list[str]:

@@ -58,8 +58,12 @@ def train_models(work: str, tiny: bool) -> dict[str, str]:
               "trainer.eval_every=0", *(steps or ["trainer.max_steps=400"])])
     run(py + [f"run_dir={code_dir}", f"experiment={'stdlib_small' if tiny else 'stdlib_30m'}", *(["model=debug"] if tiny else []),
               *steps, *corpus])
+    # the draft on the target's own corpus (4M characters), 1,500 steps (~12 min here): held-out token accuracy 0.41
+    # against the target's 0.42, accepted ~60% at batch 1; the experiment's 400 steps on 1M gave 0.32 and ~49%
+    draft_full = ["model=small", "data.max_chars=4000000", "trainer.max_steps=1500", "trainer.eval_every=1500",
+                  "trainer.warmup_steps=50"]
     run(py + [f"run_dir={draft_dir}", "experiment=distill_stdlib", f"trainer.distill_from={code_dir}/export", *steps,
-              *corpus, *(["model.n_layers=1"] if tiny else ["model=small"])])
+              *corpus, *(["model.n_layers=1"] if tiny else draft_full)])
     return {"copy": f"{copy_dir}/export", "code": f"{code_dir}/export", "draft": f"{draft_dir}/export"}
 
 

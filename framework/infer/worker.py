@@ -339,6 +339,9 @@ class StageWorker:
         # they were inlined into the attention's loops, a cos and a sin of the query's rotation for every key it
         # read (125m shape, batch 1: 66 us a layer of a ~4 ms step)
         self.rope_cos, self.rope_sin = rope(weights.inv_freq, torch.arange(cache.max_len, device=device), dtype)
+        if compile_decode and self.cuda:  # read by the CUDA graphs where they are, never copied in a replay
+            for t in (self.rope_cos, self.rope_sin):
+                torch._dynamo.mark_static_address(t)
 
     # -- the layers -------------------------------------------------------------------------------------
     def _layers(self, x, positions, tok_slots, dec, segs):
