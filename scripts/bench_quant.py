@@ -141,8 +141,7 @@ def breakdown(name: str, configs: dict, times: dict, products: dict, band: float
     """Where a batch-1 step's time goes (``products``: the share of each in its products): the weights' products
     against everything else (the compiled graph's own code and wrapper, dynamo's guards, attention, norms), and the
     ratio to the best fp32 step that the rest alone would leave if the products took no time."""
-    tok = {k: k[1] / statistics.median(v) for k, v in times.items()}
-    fp32 = [k for k in tok if k[0] == "fp32" and k[1] == 1]
+    fp32 = [k for k in times if k[0] == "fp32" and k[1] == 1]
     if not fp32:
         return []
     best = min(statistics.median(times[k]) for k in fp32)

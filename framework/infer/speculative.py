@@ -80,8 +80,10 @@ class Acceptance:
         + rejections) is its maximum-likelihood estimate."""
         return self.accepted / (self.accepted + self.rejected)
 
-    def _hopeless(self) -> bool:
-        return self.accepted / max(self.rejected, 1e-6) < self.MIN_RUN
+    @property
+    def run(self) -> float:
+        """The expected accepted run before a rejection (accepted drafts per rejection)."""
+        return self.accepted / max(self.rejected, 1e-6)
 
     def worth(self, k_max: int) -> tuple[float, int]:
         """(acceptance, most drafts) the cost policy weighs this request's drafts at this step: its estimate and
@@ -90,7 +92,7 @@ class Acceptance:
         stopped verifying is measured again (the text may have turned repetitive)."""
         if self.idle >= self.PROBE_EVERY:
             return max(self.alpha, self.PROBE_ALPHA), 1
-        return (0.0, 0) if self._hopeless() else (self.alpha, k_max)
+        return (0.0, 0) if self.run < self.MIN_RUN else (self.alpha, k_max)
 
     def declined(self) -> None:
         """This request got no draft this step (either policy)."""
@@ -101,7 +103,8 @@ class Acceptance:
         acceptance is hopeless, but for a one-draft probe once PROBE_EVERY steps went by without a verification."""
         if self.idle >= self.PROBE_EVERY:
             return 1
-        return 0 if self._hopeless() else max(1, min(k_max, int(self.accepted / max(self.rejected, 1e-6)) + 1))
+        run = self.run
+        return 0 if run < self.MIN_RUN else max(1, min(k_max, int(run) + 1))
 
 
 @dataclass
