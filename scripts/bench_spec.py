@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--copy-target", help="export (or run dir) of a model trained on the synthetic copy task")
     ap.add_argument("--code-target", help="export (or run dir) of a model trained on stdlib (experiment=stdlib_30m)")
     ap.add_argument("--draft", help="the distilled draft of --code-target (experiment=distill_stdlib)")
+    ap.add_argument("--cases", default=",".join(f"{p}/{t}" for p, t, _ in CASES),
+                    help="which of the cases (proposer/task), comma-separated")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("-k", type=int, default=4)
@@ -253,6 +255,10 @@ def main() -> None:
     if a.tiny:
         a.batches, a.max_new, a.repeats, a.hf_prompts = "1,4", 16, 1, 2
     a.batches = [int(b) for b in a.batches.split(",")]
+    cases = a.cases.split(",")
+    unknown = sorted(set(cases) - {f"{p}/{t}" for p, t, _ in CASES})
+    if unknown:
+        raise SystemExit(f"--cases {','.join(unknown)}: use some of {', '.join(f'{p}/{t}' for p, t, _ in CASES)}")
     work = tempfile.mkdtemp(prefix="bench_spec-")
     if a.copy_target and a.code_target and a.draft:
         from framework.checkpoint.resolve import resolve_model_dir
@@ -262,10 +268,13 @@ def main() -> None:
     else:
         print("[bench_spec] training the copy-task target, the stdlib target and its distilled draft", file=sys.stderr)
         models = train_models(work, a.tiny)
-    n = max(a.batches)
-    prompts_of = {"copy": copy_prompts(n), "code-edit": edit_prompts(min(n, 64)), "code": code_prompts(min(n, 64))}
+    # the same prompts whatever batches are asked for (a batch-1 case runs the first MIN_REQUESTS of them)
+    n = max(*a.batches, 64)
+    prompts_of = {"copy": copy_prompts(n), "code-edit": edit_prompts(64), "code": code_prompts(64)}
     rows = []
     for proposer, task, _ in CASES:
+        if f"{proposer}/{task}" not in cases:
+            continue
         rows += bench_case(proposer, task, models, prompts_of[task], a, work)
     if not a.no_hf:
         hf_columns(rows, models, prompts_of, a)

@@ -344,7 +344,7 @@ def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len:
     cache = KVCache(stage.layers, n_slots, args.kv_heads, max_len, args.head_dim, dtype, device)
     seqs = min(n_slots, max_seqs or n_slots)
     worker = StageWorker(weights, cache, device, dtype, compile_decode=compiled,
-                         max_rows=seqs * DraftProposer.CATCH_UP_ROWS)
+                         max_rows=seqs * DraftProposer.CATCH_UP_ROWS, cpp_wrapper=True)
     worker.warm_up(1)  # every row count a proposal's steps can have (catch-up rows of several sequences)
     return DraftProposer(worker, StepCost.measure(worker, seqs) if measure else None)
 

@@ -284,8 +284,11 @@ class StageWorker:
     """Runs one stage's layers for a step; the last stage also returns the logits of the rows that sample."""
 
     def __init__(self, weights: StageWeights, cache: KVCache, device: torch.device, dtype: torch.dtype,
-                 compile_decode: bool = False, tp: TPGroup | None = None, max_rows: int | None = None):
-        """``max_rows``: most decode rows a step can have (every slot, and its draft rows when speculating)."""
+                 compile_decode: bool = False, tp: TPGroup | None = None, max_rows: int | None = None,
+                 cpp_wrapper: bool = False):
+        """``max_rows``: most decode rows a step can have (every slot, and its draft rows when speculating).
+        ``cpp_wrapper`` (CPU, compiled): the compiled step's wrapper is C++ (inductor's ``cpp_wrapper``), for a model
+        so small that its step's time is the wrapper's calls, not its weights: a speculative draft (speculative.py)."""
         self.w, self.cache, self.device, self.dtype = weights, cache, device, dtype
         self.max_rows = max_rows or cache.n_slots
         self.tp = tp or TPGroup(1, 1, 0, device, dtype, weights.args.vocab_size)
@@ -331,6 +334,8 @@ class StageWorker:
                 # same engine run: 180-184 -> 151-163 tok/s), fp32 (inductor generates its products: 3.0 -> 5.6
                 # ms) or batch 8 (4.2 -> 5.2 ms)
                 options["cpp.threads"] = 1
+            if not self.cuda and cpp_wrapper:
+                options["cpp_wrapper"] = True
             # dynamic=None on both: after a second value of rows or window dynamo builds one graph in which they are
             # symbolic sizes (a handful of compilations at load, whatever the bucket count); on CUDA the CUDA-graph
             # trees then record one graph per concrete (rows, window), each at load (``warm_up``)

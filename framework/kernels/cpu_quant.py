@@ -1,4 +1,4 @@
-"""The CPU int8 / int4 decode kernels (``quant_gemv.cpp``) as PyTorch operators.
+"""The CPU few-row decode kernels (``quant_gemv.cpp``: fp32, int8, int4 weights) as PyTorch operators.
 
 Built once per machine with the host compiler (``-O3 -march=native``: AVX-512 where the CPU has it, else the
 compiler's auto-vectorisation of the same loops) through ``torch.utils.cpp_extension`` and cached under
@@ -7,7 +7,8 @@ operators are registered in C++ (``torch.ops.miaotui_quant.*``: the dispatcher c
 shape-only fake implementations here, so ``torch.compile`` keeps them as opaque calls in its graph.
 
 Without a compiler (or with ``MIAOTUI_QUANT_KERNELS=0``) ``available()`` is False and the quantized layers keep
-PyTorch's own int8/int4 kernels: slower at batch 1, same results to bf16 rounding.
+PyTorch's own int8/int4 kernels (slower at batch 1, same results to bf16 rounding) and fp32 layers keep the BLAS
+(``framework/infer/cpu_linear.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def _cpu_tag() -> str:
 
 
 def _register_fakes() -> None:
+    @torch.library.register_fake("miaotui_quant::f32_gemv")
+    def _f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("miaotui_quant::int8_gemv")
     def _int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
@@ -51,7 +56,7 @@ def _register_fakes() -> None:
 def _build() -> bool:
     if os.environ.get("MIAOTUI_QUANT_KERNELS", "1") == "0":
         return False
-    if hasattr(torch.ops, "miaotui_quant") and hasattr(torch.ops.miaotui_quant, "int8_gemv"):
+    if hasattr(torch.ops, "miaotui_quant") and hasattr(torch.ops.miaotui_quant, "f32_gemv"):
         return True  # loaded by another copy of this module (the op library is process-wide)
     from torch.utils.cpp_extension import load
 
@@ -59,7 +64,7 @@ def _build() -> bool:
         load(name=f"miaotui_quant_{_cpu_tag()}", sources=[SOURCE], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja, a failed build
-        log.warning("CPU int8/int4 decode kernels unavailable (%s); using PyTorch's own kernels",
+        log.warning("CPU decode kernels unavailable (%s); using PyTorch's own kernels",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return False
     _register_fakes()
@@ -87,6 +92,12 @@ def disabled():
     finally:
         _state.clear()
         _state.update(saved)
+
+
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 x, (N, K) fp32 weight -> (M, N): ``F.linear(x, weight)``, each output row summed in an order that
+    depends on K alone (the same bits whatever rows share the call)."""
+    return torch.ops.miaotui_quant.f32_gemv(x, weight)
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

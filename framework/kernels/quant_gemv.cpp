@@ -1,8 +1,10 @@
-// Weight-only int8 / int4 matrix-vector products for CPU decoding (a few activation rows against a quantized weight).
+// Few-row matrix products for CPU decoding (a few activation rows against an fp32, int8 or int4 weight).
 //
-// Decoding at small batches reads every weight once per step, so these kernels are written to stream the packed
-// bytes once: each output row's weights are widened to fp32 in registers (int4: a 16-entry table per group turns a
-// nibble into its dequantized value) and multiplied into up to MB activation rows at once, with fp32 accumulation.
+// Decoding at small batches reads every weight once per step, so these kernels are written to stream the weight
+// once, in its (out, in) layout: each output row's weights are loaded (int8 / int4: widened to fp32 in registers,
+// int4 through a 16-entry table per group that turns a nibble into its dequantized value) and multiplied into up to
+// MB activation rows at once, with fp32 accumulation. fp32: a step verifying a few draft tokens (speculative
+// decoding) costs about what one row costs, where the BLAS's few-row GEMM costs 1.3-1.6x its GEMV.
 // The summation order of one output row depends on nothing but K (16 lanes, k = j mod 16 in lane j, in order; the
 // lanes reduced in a fixed tree; a K % 16 tail added last), never on the batch, the thread count or the other rows:
 // a row's result is the same whatever shares its batch, and a tensor-parallel slice of rows gives the same bits.
@@ -20,7 +22,10 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowsPass = 4;  // output rows a pass: their weight streams interleave, x is loaded once for them
-constexpr int64_t kMaxBatch = 4;  // activation rows a pass: more are done in further passes over cached weights
+// activation rows a pass (more are done in further passes over the weights, cached by then): int8 / int4 need
+// registers for their widening, fp32 has them for 6 rows (24 accumulators over 4 output rows)
+constexpr int64_t kMaxBatch = 4;
+constexpr int64_t kMaxBatchF32 = 6;
 // How far ahead of the pass (in passes of kRowsPass rows) its weights are prefetched. A pass widens each byte in a few
 // instructions, so the out-of-order window covers few cache lines and the hardware prefetcher alone left the kernels
 // waiting on memory: measured on 100-600 MB of weights, one thread streamed 5-7 GB/s where fp32 mv streams 14.5.
@@ -96,6 +101,32 @@ void int8_pass(const float* x, const int8_t* w, const float* scale, float* y, in
   }
 }
 
+// fp32: y[m, n] = sum_k x[m, k] * w[n, k] for R rows n.. and MB rows m.. (w (N, K) as nn.Linear holds it).
+template <int64_t MB, int64_t R>
+void f32_pass(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n) {
+  Vec acc[MB][R];
+  for (int64_t m = 0; m < MB; ++m) for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
+  // this pass reads R * K * 4 contiguous bytes in K / 16 steps: R lines of a later pass a step keep pace with it
+  const float* ahead = w + (n + kAheadPasses * R) * K;
+  int64_t k = 0;
+  for (int64_t step = 0; k + kLanes <= K; k += kLanes, ++step) {
+    for (int64_t r = 0; r < R; ++r) prefetch_line(ahead, step * R + r);
+    Vec wv[R];
+    for (int64_t r = 0; r < R; ++r) wv[r] = vload(w + (n + r) * K + k);
+    for (int64_t m = 0; m < MB; ++m) {
+      Vec xv = vload(x + m * K + k);
+      for (int64_t r = 0; r < R; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int64_t m = 0; m < MB; ++m) {
+    for (int64_t r = 0; r < R; ++r) {
+      float s = vsum(acc[m][r]);
+      for (int64_t t = k; t < K; ++t) s += x[m * K + t] * w[(n + r) * K + t];
+      y[m * N + n + r] = s;
+    }
+  }
+}
+
 // int4: w (N, K/2) bytes, 32-feature blocks of 16 bytes (byte j: feature j low nibble, feature j + 16 high);
 // scale, zero (N, K/group) fp32, zero = the integer zero point + 8 (the nibbles are q + 8).
 template <int64_t MB, int64_t R>
@@ -122,25 +153,38 @@ void int4_pass(const float* x, const uint8_t* w, const float* scale, const float
     for (int64_t r = 0; r < R; ++r) y[m * N + n + r] = vsum(acc[m][r]);
 }
 
-// Calls pass<MB, R>(x + m0 * K, y + m0 * N, n) over the rows [n0, n1) and all M activation rows, MB at a time.
-template <template <int64_t, int64_t> class Pass, typename... A>
+// Calls pass<MB, R>(x + m0 * K, y + m0 * N, n) over the rows [n0, n1) and all M activation rows, MB <= MaxB at a time.
+template <template <int64_t, int64_t> class Pass, int64_t MaxB, typename... A>
 void run_rows(int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, const float* x, float* y, A... a) {
   int64_t n = n0;
   auto rows = [&](auto R) {
+    constexpr int64_t RR = decltype(R)::value;
     for (int64_t m = 0; m < M;) {
       const float* xm = x + m * K;
       float* ym = y + m * N;
-      switch (std::min<int64_t>(M - m, kMaxBatch)) {
-        case 4: Pass<4, decltype(R)::value>::run(xm, ym, K, N, n, a...); m += 4; break;
-        case 3: Pass<3, decltype(R)::value>::run(xm, ym, K, N, n, a...); m += 3; break;
-        case 2: Pass<2, decltype(R)::value>::run(xm, ym, K, N, n, a...); m += 2; break;
-        default: Pass<1, decltype(R)::value>::run(xm, ym, K, N, n, a...); m += 1; break;
+      const int64_t left = std::min<int64_t>(M - m, MaxB);
+      if constexpr (MaxB >= 6) {
+        if (left == 6) { Pass<6, RR>::run(xm, ym, K, N, n, a...); m += 6; continue; }
+        if (left == 5) { Pass<5, RR>::run(xm, ym, K, N, n, a...); m += 5; continue; }
+      }
+      switch (left) {
+        case 4: Pass<4, RR>::run(xm, ym, K, N, n, a...); m += 4; break;
+        case 3: Pass<3, RR>::run(xm, ym, K, N, n, a...); m += 3; break;
+        case 2: Pass<2, RR>::run(xm, ym, K, N, n, a...); m += 2; break;
+        default: Pass<1, RR>::run(xm, ym, K, N, n, a...); m += 1; break;
       }
     }
   };
   for (; n + kRowsPass <= n1; n += kRowsPass) rows(std::integral_constant<int64_t, kRowsPass>());
   for (; n < n1; ++n) rows(std::integral_constant<int64_t, 1>());
 }
+
+template <int64_t MB, int64_t R>
+struct F32Pass {
+  static void run(const float* x, float* y, int64_t K, int64_t N, int64_t n, const float* w) {
+    f32_pass<MB, R>(x, w, y, K, N, n);
+  }
+};
 
 template <int64_t MB, int64_t R>
 struct Int8Pass {
@@ -160,6 +204,21 @@ struct Int4Pass {
 // Enough rows a thread that the fork costs little beside the weights it streams (~64 KiB of them).
 int64_t grain(int64_t row_bytes) { return std::max<int64_t>(kRowsPass, (int64_t(1) << 16) / std::max<int64_t>(row_bytes, 1)); }
 
+at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "f32_gemv: x (M, K), w (N, K)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "f32_gemv: x and w fp32");
+  auto xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(4 * K), [&](int64_t n0, int64_t n1) {
+    run_rows<F32Pass, kMaxBatchF32>(M, K, N, n0, n1, xp, yp, wp);
+  });
+  return y;
+}
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv: x (M, K), w (N, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
@@ -173,7 +232,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    run_rows<Int8Pass>(M, K, N, n0, n1, xp, yp, wp, sp);
+    run_rows<Int8Pass, kMaxBatch>(M, K, N, n0, n1, xp, yp, wp, sp);
   });
   return y;
 }
@@ -194,7 +253,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const float* zp = zc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    run_rows<Int4Pass>(M, K, N, n0, n1, xp, yp, wp, sp, zp, group);
+    run_rows<Int4Pass, kMaxBatch>(M, K, N, n0, n1, xp, yp, wp, sp, zp, group);
   });
   return y;
 }
@@ -202,11 +261,13 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(miaotui_quant, m) {
+  m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, Tensor scale, Tensor zero, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui_quant, CPU, m) {
+  m.impl("f32_gemv", &f32_gemv);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
 }

@@ -281,6 +281,23 @@ needs_kernels = pytest.mark.skipif(not __import__("framework.kernels.cpu_quant",
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(37, 100), (96, 256), (130, 529), (64, 1536)])
+def test_cpu_fp32_kernel_is_the_fp32_product(shape):
+    """The fp32 few-row kernel (inference's StreamLinear): x @ w.T within its summation's rounding, at every row
+    count its passes take (1-6 rows a pass, then more passes), a row's bits whatever shares its call."""
+    from framework.kernels import cpu_quant
+
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    for rows in (1, 3, 5, 6, 8, 13):
+        x = torch.randn(rows, shape[1])
+        y = cpu_quant.f32_gemv(x, w)
+        assert y.shape == (rows, shape[0])
+        assert_fp32_product(y, x, w)
+        assert all(torch.equal(cpu_quant.f32_gemv(x[i: i + 1], w), y[i: i + 1]) for i in range(rows))
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("kind,shape", [("int8", (37, 100)), ("int8", (96, 256)), ("int8", (130, 529)),
                                         ("int4-32", (48, 96)), ("int4-64", (33, 320)), ("int4-128", (40, 384)),

@@ -115,8 +115,9 @@ def test_launcher_args_and_error_lines():
 
 
 def test_relaid_linears_match_f_linear_and_leave_tied_weights():
-    from framework.infer.cpu_linear import PackedLinear, TransposedLinear, pack_linears, packing_available
+    from framework.infer.cpu_linear import PackedLinear, StreamLinear, TransposedLinear, pack_linears, packing_available
     from framework.infer.worker import StageWeights, forward_logits
+    from framework.kernels import cpu_quant
     from framework.models.llama import Llama, ModelArgs
 
     if not packing_available(torch.float32, torch.device("cpu")):
@@ -127,7 +128,7 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
     tokens = torch.randint(0, 97, (3, 11))
     with torch.inference_mode():
         want = ref(tokens=tokens)
-    for rows, kind in ((4, PackedLinear), (1, TransposedLinear)):
+    for rows, kind in ((4, PackedLinear), (1, StreamLinear if cpu_quant.available() else TransposedLinear)):
         model = Llama(args).eval()
         model.load_state_dict(ref.state_dict())
         model.tie_weights()
@@ -142,6 +143,27 @@ def test_relaid_linears_match_f_linear_and_leave_tied_weights():
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     small = StageWeights(Llama(ModelArgs(dim=128, n_layers=1, n_heads=4, ffn_dim=384, vocab_size=97)).eval())
     assert pack_linears(small, rows_hint=8) == 0  # the packed kernel's cost a call would outweigh its gain
+
+
+def test_stream_linear_matches_f_linear_and_gives_a_row_the_same_bits_in_any_batch():
+    """The few-row layout: the kernel up to KERNEL_ROWS rows (a row's bits independent of the rows beside it, so a
+    verification row of speculative decoding computes what the plain step computes), F.linear above."""
+    from framework.infer.cpu_linear import StreamLinear
+    from framework.kernels import cpu_quant
+
+    if not cpu_quant.available():
+        pytest.skip("the CPU decode kernels did not build here (no C++ compiler)")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 37)  # 100 features: a K % 16 tail; a bias
+    mod = StreamLinear(lin)
+    for rows in (1, 2, 5, 6, 7, 8, 9, 40):
+        x = torch.randn(rows, 100)
+        y = mod(x)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        if rows <= StreamLinear.KERNEL_ROWS:
+            assert all(torch.equal(mod(x[i: i + 1]), y[i: i + 1]) for i in range(rows))
+    x3 = torch.randn(2, 3, 100)  # leading dimensions kept
+    torch.testing.assert_close(mod(x3), torch.nn.functional.linear(x3, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_row_dot_linear_compiled_matches_f_linear():
