@@ -148,10 +148,11 @@ def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | N
     return n / (time.perf_counter() - t0)
 
 
-def step_cost(model: str, rows: list[int], slots: int, context: int = 256, reps: int = 5) -> dict[int, float]:
-    """Seconds of one decode step of r rows over min(r, ``slots``) slots (each at ~``context`` positions) on the
-    engine's stage worker (the fastest of ``reps``: StageWorker.time_rows, which the cost policy's own
-    measurement at load uses)."""
+def step_cost(model: str, batches: list[int], k: int, context: int = 256, reps: int = 5) -> dict[int, float]:
+    """Seconds of one decode step of b and of b x (1 + k) rows for each batch b, on the engine's stage worker with
+    the weights laid out as ``framework.generate`` lays them out at ``infer.max_batch`` b (cpu_linear.py): r rows
+    over min(r, b) slots, each at ~``context`` positions, the fastest of ``reps`` (StageWorker.time_rows, which the
+    cost policy's own measurement at load uses)."""
     import torch
 
     from framework.infer.cache import KVCache
@@ -161,11 +162,15 @@ def step_cost(model: str, rows: list[int], slots: int, context: int = 256, reps:
 
     args = read_model_args(model)
     stage = plan_stages(args, 1, None, 4)[0]
-    weights = load_stage(model, args, stage, torch.device("cpu"), torch.float32)
-    cache = KVCache(stage.layers, slots, args.kv_heads, context + max(rows) + 1, args.head_dim, torch.float32,
-                    torch.device("cpu"))
-    worker = StageWorker(weights, cache, torch.device("cpu"), torch.float32)
-    return dict(zip(rows, worker.time_rows(rows, context, reps)))
+    out = {}
+    for b in batches:
+        rows = [b, b * (1 + k)]
+        weights = load_stage(model, args, stage, torch.device("cpu"), torch.float32, rows_hint=b)
+        cache = KVCache(stage.layers, b, args.kv_heads, context + max(rows) + 1, args.head_dim, torch.float32,
+                        torch.device("cpu"))
+        worker = StageWorker(weights, cache, torch.device("cpu"), torch.float32, max_rows=max(rows))
+        out.update(zip(rows, worker.time_rows(rows, context, reps)))
+    return out
 
 
 # (proposer, prompts, target): the target is a key of the models
@@ -228,7 +233,8 @@ def print_table(rows: list[dict], cost: dict[int, float], k: int) -> None:
               f"{fmt(hf[1] / hf[0] if hf[0] and hf[1] else None, '{:.2f}x')} |")
     print(f"\ndecode step cost against rows (code target, CPU eager): verifying k={k} drafts a row multiplies a step's "
           "rows by (1 + k); it pays while that ratio stays below the mean accepted length")
-    print("(r rows over min(r, the largest batch) slots: a step of r x (1+k) rows is r slots of 1+k rows each)")
+    print("(at each batch r the weights laid out as the engine lays them out for it; a step of r x (1+k) rows is r "
+          "slots of 1+k rows each)")
     print("| rows r | step ms | ms a row | step(r x (1+k)) / step(r) |")
     print("|---|---|---|---|")
     for r, t in cost.items():
@@ -278,8 +284,7 @@ def main() -> None:
         rows += bench_case(proposer, task, models, prompts_of[task], a, work)
     if not a.no_hf:
         hf_columns(rows, models, prompts_of, a)
-    rows_list = sorted({r for b in a.batches for r in (b, b * (1 + a.k))})
-    cost = step_cost(models["code"], rows_list, max(a.batches))
+    cost = step_cost(models["code"], a.batches, a.k)
     print_table(rows, cost, a.k)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
