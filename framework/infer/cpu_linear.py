@@ -5,13 +5,17 @@ the weight at about half this machine's read bandwidth, and for a few rows a GEM
 weight matrix, at every call, into the layout its kernel reads. Decoding multiplies a few rows by every weight of
 the model at every step, so both costs are paid in full. Done once at load instead:
 
-- up to 8 rows a call (batch-1 or -2 decoding, with a few draft tokens to verify): the weight stays (out, in) and
-  this project's kernel (``framework/kernels/quant_gemv.cpp``, ``f32_gemv``) streams it once for all the rows,
-  where the BLAS's GEMV streams it at about half the read bandwidth and its few-row GEMM repacks it: a 26M-parameter
-  model's products, 1 / 5 / 8 rows on 2 threads, 4.18 / 5.72 / 7.19 ms with ``x @ W_t`` against 3.67 / 4.47 / 4.96
-  with the kernel. Without a C++ compiler the weight is stored transposed, (in, out) contiguous, and ``x @ W_t``
-  runs as a GEMV instead;
-- more rows: the weight is stored in oneDNN's blocked layout and multiplied without repacking.
+- decode batches up to 8 (a call of up to 32 rows: the batch, or a few rows with their draft tokens to verify): the
+  weight stays (out, in) and this project's kernel (``framework/kernels/quant_gemv.cpp``, ``f32_gemv``) streams it
+  once for all the rows, where the BLAS's GEMV streams it at about half the read bandwidth and its few-row GEMM
+  repacks it: a 26M-parameter model's products on 2 threads, 1 / 5 / 8 rows, 4.18 / 5.72 / 7.19 ms with
+  ``x @ W_t`` against 3.67 / 4.47 / 4.96 with the kernel; against the blocked layout below, 1 / 4 / 8 / 16 / 24
+  rows 3.48 / 3.83 / 4.84 / 5.97 / 7.93 ms with the kernel, 4.27 / 4.86 / 5.52 / 6.46 / 7.35 blocked, and
+  F.linear on the plain weight (what a larger call gets) 8.88 / 9.49 / 10.77 ms at 16 / 24 / 32 rows against the
+  kernel's 5.35 / 6.45 / 8.30 (a step of 8 rows verifying 3 drafts each is 32 rows). Without a
+  C++ compiler the weight is stored transposed, (in, out) contiguous, and ``x @ W_t`` runs as a GEMV for batches of
+  1-2, blocked from 3;
+- larger batches: the weight is stored in oneDNN's blocked layout and multiplied without repacking.
 
 Both agree with ``F.linear`` to float32 rounding. bf16 and fp16 already run oneDNN kernels through ``F.linear``,
 and GPUs never repack, so only fp32 on CPU is touched. One 512x1536 matrix streamed from memory on this project's
@@ -72,7 +76,8 @@ class StreamLinear(nn.Module):
     that depends on the input width alone, so a row gets the same bits whatever rows share its call); more rows
     (a prompt's prefill) are F.linear's GEMM."""
 
-    KERNEL_ROWS = 8
+    KERNEL_ROWS = 32  # the kernel beats F.linear well past this (the module's docstring)
+    BATCH_MAX = 8  # decode batches (``rows_hint``) laid out for it
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -109,14 +114,14 @@ class RowDotLinear(nn.Module):
 
 
 def relaid(linear: nn.Linear, rows_hint: int, compiled: bool = False) -> nn.Module | None:
-    """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear: a few rows eager stream the
+    """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear: up to 8 rows eager stream the
     weight through this project's kernel where it is built (else the transposed GEMV). The packed kernel costs a
     little more a call, so below 512x512 weights it pays only from 32 rows on. A compiled step never gets it:
     inductor lowers ``mkldnn._linear_pointwise`` only for a weight it froze itself (an AssertionError in its
     lowering, torch 2.13), so there the transposed layout's plain GEMM runs instead."""
     if rows_hint <= 1 and compiled:
         return RowDotLinear(linear)
-    if rows_hint <= 2 and not compiled and cpu_quant.available():
+    if rows_hint <= StreamLinear.BATCH_MAX and not compiled and cpu_quant.available():
         return StreamLinear(linear)
     if rows_hint <= 2 or compiled:
         return TransposedLinear(linear)
