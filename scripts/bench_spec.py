@@ -1,7 +1,8 @@
 """Speculative decoding benchmark: tokens/s with and without speculation, one table.
 
 Cases (each at batch 1, 4, 16 and 64, ``infer.max_batch`` = the batch, max(batch, 8) requests of ``--max-new`` tokens each):
-- ngram/copy: prompt lookup on the synthetic copy task (a model trained on it: the answer repeats the prompt);
+- ngram/copy: prompt lookup on the synthetic copy task (a model trained on it: the answer repeats the prompt, then
+  the request stops at its end of sequence);
 - ngram/code-edit: prompt lookup on code-editing prompts (a stdlib function, then the start of its copy with a
   name changed: the continuation is mostly the function again), target trained on stdlib;
 - draft/code: the distilled draft (``experiment=distill_stdlib``) on stdlib code prefixes, same target.
@@ -19,7 +20,7 @@ the JSON every round.
 
     python scripts/bench_spec.py --tiny                         # minutes on a CPU: proves the script, not the speed
     python scripts/bench_spec.py --code-target runs/stdlib_30m --draft runs/distill_stdlib --copy-target runs/copy
-    python scripts/bench_spec.py                                # trains the three models first (CPU: ~45 minutes)
+    python scripts/bench_spec.py                                # trains the three models first (CPU: ~70 minutes)
 """
 
 from __future__ import annotations
@@ -52,10 +53,17 @@ def train_models(work: str, tiny: bool) -> dict[str, str]:
     steps = ["trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.eval_every=0"] if tiny else []
     corpus = ["data.max_chars=60000"] if tiny else []
     copy_dir, code_dir, draft_dir = (os.path.join(work, n) for n in ("copy", "code", "draft"))
-    run(py + [f"run_dir={copy_dir}", f"model={'debug' if tiny else 'small'}", "data=synthetic",
-              "data.synthetic.task=copy", "data.synthetic.min_len=24", "data.synthetic.max_len=48",
-              "trainer.seq_len=128", "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.lr=3e-3",
-              "trainer.eval_every=0", *(steps or ["trainer.max_steps=400"])])
+    # the copy target (runs/spec/copy5's recipe, ~25 min here): 2,000 steps, then resumed to 4,500 with the schedule
+    # stretched; the loss leaves its plateau (2.3 nats: the prompt's random digits) near step 700 and reaches 1.4 by
+    # 3,500, where the model copies the prompt and stops. 400 steps at lr 3e-3 made a model that repeats one digit.
+    copy = [f"run_dir={copy_dir}", f"model={'debug' if tiny else 'small'}", "data=synthetic", "data.synthetic.task=copy",
+            "data.synthetic.min_len=24", "data.synthetic.max_len=48", "trainer.seq_len=256",
+            "trainer.global_batch_size=32", "trainer.micro_batch_size=32", "trainer.lr=1e-3", "trainer.eval_every=0"]
+    if tiny:
+        run(py + copy + steps)
+    else:
+        run(py + copy + ["trainer.warmup_steps=100", "trainer.max_steps=2000"])
+        run([*py[:-1], "checkpoint.resume=latest", *copy, "trainer.warmup_steps=100", "trainer.max_steps=4500"])
     run(py + [f"run_dir={code_dir}", f"experiment={'stdlib_small' if tiny else 'stdlib_30m'}", *(["model=debug"] if tiny else []),
               *steps, *corpus])
     # the draft on the target's own corpus (4M characters), 1,500 steps (~12 min here): held-out token accuracy 0.41
@@ -111,23 +119,30 @@ def code_prompts(n: int) -> list[str]:
 
 
 MIN_REQUESTS = 8  # a batch-1 case runs 8 requests one after another: one request of 128 tokens is ~0.1 s, too noisy
+# tasks whose answer ends: the copy target answers with the prompt's digits and an end of sequence, so a request stops
+# there (24-48 tokens) rather than running on into new examples of its own; 4x the requests keep a run as long
+STOPS = {"copy": 4}
 
 
-def engine_rate(model: str, prompts: list[str], batch: int, max_new: int, extra: list[str], work: str) -> dict:
-    """One framework.generate run of max(batch, 8) requests at max_batch ``batch``: its summary."""
+def engine_rate(model: str, prompts: list[str], batch: int, max_new: int, extra: list[str], work: str,
+                stops: int = 0) -> dict:
+    """One framework.generate run of max(batch, 8) requests at max_batch ``batch`` (``stops``: that many times the
+    requests, each stopping at its end of sequence): its summary."""
     src, summary = os.path.join(work, "in.jsonl"), os.path.join(work, "summary.json")
     with open(src, "w") as f:
-        for i in range(max(batch, MIN_REQUESTS)):
+        for i in range(max(batch, MIN_REQUESTS) * max(stops, 1)):
             f.write(json.dumps({"prompt": prompts[i % len(prompts)]}) + "\n")
     run([sys.executable, "-m", "framework.generate", f"model_dir={model}", f"prompts={src}",
          f"output={os.path.join(work, 'out.jsonl')}", f"infer.max_batch={batch}", f"infer.max_new_tokens={max_new}",
-         "infer.ignore_eos=true", "infer.progress=false", f"infer.summary={summary}", *extra])
+         f"infer.ignore_eos={'false' if stops else 'true'}", "infer.progress=false", f"infer.summary={summary}", *extra])
     with open(summary) as f:
         return json.load(f)
 
 
-def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | None, mode: str) -> float:
-    """transformers generate() at batch 1 over ``prompts``: tokens/s, plain, prompt lookup or assisted."""
+def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | None, mode: str,
+            stops: bool = False) -> float:
+    """transformers generate() at batch 1 over ``prompts``: tokens/s, plain, prompt lookup or assisted (``stops``:
+    each stops at its end of sequence, as the engine's requests of that task do)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,8 +157,8 @@ def hf_rate(model: str, prompts: list[str], max_new: int, k: int, draft: str | N
     for p in prompts:
         ids = tok(p, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            out = target.generate(**ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                                  pad_token_id=tok.pad_token_id or 0, **kwargs)
+            out = target.generate(**ids, max_new_tokens=max_new, min_new_tokens=1 if stops else max_new,
+                                  do_sample=False, pad_token_id=tok.pad_token_id or 0, **kwargs)
         n += out.shape[1] - ids["input_ids"].shape[1]
     return n / (time.perf_counter() - t0)
 
@@ -192,7 +207,7 @@ def bench_case(proposer: str, task: str, models: dict, prompts: list[str], a, wo
             # load) falls on the baseline and on speculation alike
             runs = [("plain", []), ("spec", spec), ("forced", spec + ["infer.speculative_max_batch=100000",
                                                                         "infer.speculative_policy=acceptance"])]
-            got = {name: engine_rate(model, prompts, batch, a.max_new, extra, work)
+            got = {name: engine_rate(model, prompts, batch, a.max_new, extra, work, STOPS.get(task, 0))
                    for name, extra in (runs if i % 2 == 0 else runs[::-1])}
             rounds.append({"plain": got["plain"]["tokens_per_s"], "spec": got["spec"]["tokens_per_s"],
                            "forced": got["forced"]["tokens_per_s"], "acceptance": got["forced"]["acceptance_rate"],
@@ -212,8 +227,9 @@ def hf_columns(rows: list[dict], models: dict, prompts_of: dict, a) -> None:
         model, prompts = models[CASES_MODEL[r["task"]]], prompts_of[r["task"]][: a.hf_prompts]
         plain, assisted = [], []
         for _ in range(a.repeats):
-            plain.append(hf_rate(model, prompts, a.max_new, a.k, None, "plain"))
-            assisted.append(hf_rate(model, prompts, a.max_new, a.k, models["draft"], r["proposer"]))
+            stops = r["task"] in STOPS
+            plain.append(hf_rate(model, prompts, a.max_new, a.k, None, "plain", stops))
+            assisted.append(hf_rate(model, prompts, a.max_new, a.k, models["draft"], r["proposer"], stops))
         r["hf_plain"], r["hf_spec"] = statistics.median(plain), statistics.median(assisted)
 
 

@@ -84,10 +84,11 @@ class StreamLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight.detach().contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.kernel = cpu_quant.available()  # F.linear throughout without a compiler (RowDotLinear then)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > self.KERNEL_ROWS:
+        if not self.kernel or x2.shape[0] > self.KERNEL_ROWS:
             return F.linear(x, self.weight, self.bias)
         y = cpu_quant.f32_gemv(x2, self.weight)
         if self.bias is not None:
@@ -95,34 +96,30 @@ class StreamLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class RowDotLinear(nn.Module):
+class RowDotLinear(StreamLinear):
     """Inference-only ``nn.Linear`` for a compiled one-row decode step: written as a product and a sum over the
     input features, which inductor turns into one vectorised streaming reduction over the (out, in) weight, where
     the call into the BLAS GEMV reads it more slowly (30M Llama, one thread: 4.50 against 5.20 ms a token).
-    Outside a compiled graph, or for several rows, it is F.linear."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight = linear.weight.detach()
-        self.bias = None if linear.bias is None else linear.bias.detach()
+    Outside a compiled graph, or for several rows (a compiled step verifying drafts), it is StreamLinear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.shape[0] == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 def relaid(linear: nn.Linear, rows_hint: int, compiled: bool = False) -> nn.Module | None:
-    """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear: up to 8 rows eager stream the
-    weight through this project's kernel where it is built (else the transposed GEMV). The packed kernel costs a
+    """The faster layout for a call of ``rows_hint`` rows, or None to keep F.linear: up to 8 rows stream the weight
+    through this project's kernel where it is built (else the transposed GEMV; a compiled one-row step: inductor's
+    reduction, several rows the kernel). The packed kernel costs a
     little more a call, so below 512x512 weights it pays only from 32 rows on. A compiled step never gets it:
     inductor lowers ``mkldnn._linear_pointwise`` only for a weight it froze itself (an AssertionError in its
     lowering, torch 2.13), so there the transposed layout's plain GEMM runs instead."""
     if rows_hint <= 1 and compiled:
         return RowDotLinear(linear)
-    if rows_hint <= StreamLinear.BATCH_MAX and not compiled and cpu_quant.available():
-        return StreamLinear(linear)
+    if rows_hint <= StreamLinear.BATCH_MAX and cpu_quant.available():
+        return StreamLinear(linear)  # compiled too: the kernel is an opaque call in the graph
     if rows_hint <= 2 or compiled:
         return TransposedLinear(linear)
     if linear.weight.numel() >= 2**18 or rows_hint >= 32:

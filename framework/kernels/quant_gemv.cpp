@@ -75,18 +75,24 @@ inline void widen_i4(const uint8_t* p, Vec table, Vec* lo, Vec* hi) {
 }
 #endif
 
-// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] for R rows n.. and MB rows m.. (x, y row strides K, N).
-template <int64_t MB, int64_t R>
-void int8_pass(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N, int64_t n) {
+inline Vec load_weights(const int8_t* p) { return widen_i8(p); }
+inline Vec load_weights(const float* p) { return vload(p); }
+
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] for R rows n.. and MB rows m.. (x, y row strides K, N); w int8, or
+// fp32 (as nn.Linear holds it) with no scale (nullptr).
+template <int64_t MB, int64_t R, typename W>
+void dense_pass(const float* x, const W* w, const float* scale, float* y, int64_t K, int64_t N, int64_t n) {
   Vec acc[MB][R];
   for (int64_t m = 0; m < MB; ++m) for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
-  // this pass reads R * K contiguous bytes in K / 16 steps: R / 4 lines of a later pass a step keep pace with it
-  const int8_t* ahead = w + (n + kAheadPasses * R) * K;
+  // this pass reads R * K contiguous weights in K / 16 steps: the cache lines of a later pass that start within a
+  // step's share of the bytes (int8: a line every 4 / R steps; fp32: R lines a step) keep pace with it
+  constexpr int64_t kStepBytes = R * kLanes * int64_t(sizeof(W));
+  const W* ahead = w + (n + kAheadPasses * R) * K;
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    if (R >= 4 || (k & 63) == 0) prefetch_line(ahead, (k * R) / 64);
+  for (int64_t at = 0; k + kLanes <= K; k += kLanes, at += kStepBytes) {
+    for (int64_t b = (at + 63) / 64 * 64; b < at + kStepBytes; b += 64) prefetch_line(ahead, b / 64);
     Vec wv[R];
-    for (int64_t r = 0; r < R; ++r) wv[r] = widen_i8(w + (n + r) * K + k);
+    for (int64_t r = 0; r < R; ++r) wv[r] = load_weights(w + (n + r) * K + k);
     for (int64_t m = 0; m < MB; ++m) {
       Vec xv = vload(x + m * K + k);
       for (int64_t r = 0; r < R; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
@@ -96,33 +102,7 @@ void int8_pass(const float* x, const int8_t* w, const float* scale, float* y, in
     for (int64_t r = 0; r < R; ++r) {
       float s = vsum(acc[m][r]);
       for (int64_t t = k; t < K; ++t) s += x[m * K + t] * float(w[(n + r) * K + t]);
-      y[m * N + n + r] = s * scale[n + r];
-    }
-  }
-}
-
-// fp32: y[m, n] = sum_k x[m, k] * w[n, k] for R rows n.. and MB rows m.. (w (N, K) as nn.Linear holds it).
-template <int64_t MB, int64_t R>
-void f32_pass(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n) {
-  Vec acc[MB][R];
-  for (int64_t m = 0; m < MB; ++m) for (int64_t r = 0; r < R; ++r) acc[m][r] = vzero();
-  // this pass reads R * K * 4 contiguous bytes in K / 16 steps: R lines of a later pass a step keep pace with it
-  const float* ahead = w + (n + kAheadPasses * R) * K;
-  int64_t k = 0;
-  for (int64_t step = 0; k + kLanes <= K; k += kLanes, ++step) {
-    for (int64_t r = 0; r < R; ++r) prefetch_line(ahead, step * R + r);
-    Vec wv[R];
-    for (int64_t r = 0; r < R; ++r) wv[r] = vload(w + (n + r) * K + k);
-    for (int64_t m = 0; m < MB; ++m) {
-      Vec xv = vload(x + m * K + k);
-      for (int64_t r = 0; r < R; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
-    }
-  }
-  for (int64_t m = 0; m < MB; ++m) {
-    for (int64_t r = 0; r < R; ++r) {
-      float s = vsum(acc[m][r]);
-      for (int64_t t = k; t < K; ++t) s += x[m * K + t] * w[(n + r) * K + t];
-      y[m * N + n + r] = s;
+      y[m * N + n + r] = scale ? s * scale[n + r] : s;
     }
   }
 }
@@ -182,14 +162,14 @@ void run_rows(int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, const flo
 template <int64_t MB, int64_t R>
 struct F32Pass {
   static void run(const float* x, float* y, int64_t K, int64_t N, int64_t n, const float* w) {
-    f32_pass<MB, R>(x, w, y, K, N, n);
+    dense_pass<MB, R>(x, w, static_cast<const float*>(nullptr), y, K, N, n);
   }
 };
 
 template <int64_t MB, int64_t R>
 struct Int8Pass {
   static void run(const float* x, float* y, int64_t K, int64_t N, int64_t n, const int8_t* w, const float* s) {
-    int8_pass<MB, R>(x, w, s, y, K, N, n);
+    dense_pass<MB, R>(x, w, s, y, K, N, n);
   }
 };
 
