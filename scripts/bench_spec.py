@@ -58,12 +58,13 @@ def train_models(work: str, tiny: bool) -> dict[str, str]:
     # 3,500, where the model copies the prompt and stops. 400 steps at lr 3e-3 made a model that repeats one digit.
     copy = [f"run_dir={copy_dir}", f"model={'debug' if tiny else 'small'}", "data=synthetic", "data.synthetic.task=copy",
             "data.synthetic.min_len=24", "data.synthetic.max_len=48", "trainer.seq_len=256",
-            "trainer.global_batch_size=32", "trainer.micro_batch_size=32", "trainer.lr=1e-3", "trainer.eval_every=0"]
+            "trainer.global_batch_size=32", "trainer.micro_batch_size=32", "trainer.lr=1e-3"]
     if tiny:
         run(py + copy + steps)
     else:
-        run(py + copy + ["trainer.warmup_steps=100", "trainer.max_steps=2000"])
-        run([*py[:-1], "checkpoint.resume=latest", *copy, "trainer.warmup_steps=100", "trainer.max_steps=4500"])
+        full = ["trainer.eval_every=0", "trainer.warmup_steps=100"]
+        run(py + copy + full + ["trainer.max_steps=2000"])
+        run([*py[:-1], "checkpoint.resume=latest", *copy, *full, "trainer.max_steps=4500"])
     run(py + [f"run_dir={code_dir}", f"experiment={'stdlib_small' if tiny else 'stdlib_30m'}", *(["model=debug"] if tiny else []),
               *steps, *corpus])
     # the draft on the target's own corpus (4M characters), 1,500 steps (~12 min here): held-out token accuracy 0.41
@@ -225,9 +226,8 @@ def hf_columns(rows: list[dict], models: dict, prompts_of: dict, a) -> None:
         if r["batch"] != 1:
             continue
         model, prompts = models[CASES_MODEL[r["task"]]], prompts_of[r["task"]][: a.hf_prompts]
-        plain, assisted = [], []
+        plain, assisted, stops = [], [], r["task"] in STOPS
         for _ in range(a.repeats):
-            stops = r["task"] in STOPS
             plain.append(hf_rate(model, prompts, a.max_new, a.k, None, "plain", stops))
             assisted.append(hf_rate(model, prompts, a.max_new, a.k, models["draft"], r["proposer"], stops))
         r["hf_plain"], r["hf_spec"] = statistics.median(plain), statistics.median(assisted)

@@ -84,7 +84,7 @@ class StreamLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight.detach().contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.kernel = cpu_quant.available()  # F.linear throughout without a compiler (RowDotLinear then)
+        self.kernel = cpu_quant.available()  # without a compiler (a RowDotLinear's several rows) F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
