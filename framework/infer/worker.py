@@ -510,36 +510,39 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         self.busy_s = 0.0
 
-    def time_rows(self, rows: list[int], context: int = 256, reps: int = 2) -> list[float]:
+    def time_rows(self, rows: list[int], context: int = 256, reps: int = 3, warm: int = 2) -> list[float]:
         """Seconds of a decode step of r rows for each r of ``rows``, laid out as a speculating step lays them out:
         over min(r, slots) slots (runs of one slot each), every row at about ``context`` positions (capped by the
-        cache); the fastest of ``reps`` after one untimed step of that count. It writes only keys and values past
-        ``context`` of slots no request holds yet (a request's prefill writes its own before any row reads them).
-        Every tp rank of a stage calls it together."""
+        cache). ``warm`` untimed rounds of every count first (right after loading, the first few dozen steps ran
+        1.2-2x slower than later ones here: a first round of 1-20 rows at batch 4 took 10.7-12.8 ms where the next
+        took 5.3-12.7, which made the verification rows look nearly free), then ``reps`` timed rounds, each over
+        every count in turn (a slow spell falls on all counts alike); a count's time is its fastest. It writes only
+        keys and values past ``context`` of slots no request holds yet (a request's prefill writes its own before
+        any row reads them). Every tp rank of a stage calls it together."""
         from framework.infer.step import StepPlan
 
         n_slots, ctx = self.cache.n_slots, max(0, min(context, self.cache.max_len - 1 - max(rows)))
-        out = []
+        steps = []
         for n in rows:
             u = min(n, n_slots)
             counts = [n // u + (i < n % u) for i in range(u)]
             slots = [s for s, c in enumerate(counts) for _ in range(c)]
             pos = [min(ctx + j, self.cache.max_len - 1) for c in counts for j in range(c)]
             x = None if self.first else torch.zeros(n, self.w.args.dim, dtype=self.dtype, device=self.device)
-            plan = StepPlan(dec_slots=slots, dec_pos=pos, tokens=[0] * n)
-            times = []
-            for i in range(reps + 1):
+            steps.append((StepPlan(dec_slots=slots, dec_pos=pos, tokens=[0] * n), x))
+        best = [float("inf")] * len(steps)
+        for r in range(warm + reps):
+            for i, (plan, x) in enumerate(steps):
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
                 self.step(plan, x)
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
-                if i:
-                    times.append(time.perf_counter() - t0)
-            out.append(min(times))
+                if r >= warm:
+                    best[i] = min(best[i], time.perf_counter() - t0)
         self.busy_s = 0.0
-        return out
+        return best
 
     def _decode_only(self, plan, x: torch.Tensor | None) -> torch.Tensor:
         n = len(plan.dec_slots)
