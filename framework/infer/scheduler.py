@@ -106,6 +106,15 @@ class Scheduler:
         # where a new request's starts
         self.spec = SpecStats(adapt=Acceptance(accepted=0.75, rejected=0.25, decay=0.9))
         self.spec_skipped_steps = 0  # steps that decoded without drafts: too many rows, or none worth its row
+        # the cost policy's correction, learnt while serving with one lane (a step's wall time from schedule to the
+        # end of complete, against the cost the policy predicted for it): steps with drafts and steps without, each
+        # a decayed ratio. Measured costs are of the stage alone, on rows laid out evenly; inside the engine a
+        # verification also brings the draft's catch-up, uneven slot runs, the sampler's rows and the bookkeeping
+        # of accepted drafts (batch 4 on this CPU: steps with drafts took 1.3-1.5x their prediction, steps without
+        # 1.0x). Their quotient scales a step with drafts in ``choose_drafts``
+        self.cost_ratio = {True: 1.0, False: 1.0}
+        self._timing: dict[int, tuple[bool, float, float]] = {}  # lane -> (drafts, predicted s, start of schedule)
+        self._predicted = 0.0
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -164,6 +173,7 @@ class Scheduler:
     # -- decisions ----------------------------------------------------------------------------------------
     def schedule(self, lane: int) -> StepPlan | None:
         """The lane's next step (and the lane is then in flight), or None when cancellations left it nothing."""
+        start = time.perf_counter()
         self._drop_cancelled(lane)
         plan = StepPlan(lane=lane)
         seqs = self.lanes[lane]
@@ -182,7 +192,10 @@ class Scheduler:
                 budget -= chunks[-1][1]
         # decode rows (prompt done, last token back), by slot: rows in consecutive slots read their cache as one view
         decoding = [s for s in sorted(seqs, key=lambda s: s.slot) if s.prefilled == s.prompt_len]
+        self._predicted = 0.0
         drafts = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
+        if self._predicted and not chunks and len(self.lanes) == 1:  # a decode-only step of the only lane: timed
+            self._timing[lane] = (bool(drafts), self._predicted, start)
         for s in decoding:
             # a finished row of a static group keeps being computed (its tokens dropped) at its last position
             pos = min(s.prompt_len + len(s.generated) - 1, self.max_len - 1)
@@ -227,11 +240,15 @@ class Scheduler:
             if cap > 0:
                 seqs.append(s)
                 caps.append(cap)
+        draft_cost = getattr(self.proposer, "step_cost", None)
         if self.step_cost is None:
             ks = [s.spec.adapt.next_k(cap) for s, cap in zip(seqs, caps)]
         else:
             ks = choose_drafts([s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)], rows, len(decoding),
-                               self.step_cost, getattr(self.proposer, "step_cost", None))
+                               self.step_cost, draft_cost, self.cost_ratio[True] / self.cost_ratio[False])
+            # what the step is predicted to cost, to be compared with what it takes (``complete``)
+            m, depth, n = sum(ks), max(ks, default=0), sum(1 for k in ks if k)
+            self._predicted = self.step_cost(rows + m) + (depth * draft_cost(n) if draft_cost is not None and m else 0)
         for s, k in zip(seqs, ks):
             if not k:
                 s.spec.adapt.declined()
@@ -318,6 +335,23 @@ class Scheduler:
             self.lanes[plan.lane] = [s for s in self.lanes[plan.lane] if s.finish_reason is None]
         self._drop_cancelled(plan.lane)
         self.in_flight[plan.lane] = False
+        self._learn_cost(plan.lane)
+
+    COST_DECAY = 0.9  # weight of the ratio so far at each timed step
+    COST_RELAX = 0.99  # a ratio not measured for a step moves this much less away from 1 (so that a policy that
+    # stopped verifying after a slow spell tries again, ~1/(1 - 0.99) steps later)
+
+    def _learn_cost(self, lane: int) -> None:
+        """Fold a timed step's wall time over its prediction into ``cost_ratio`` (within 0.5-3x: a hiccup of the
+        host is not a cost)."""
+        timing = self._timing.pop(lane, None)
+        if timing is None:
+            return
+        drafts, predicted, start = timing
+        ratio = min(max((time.perf_counter() - start) / predicted, 0.5), 3.0)
+        r = self.cost_ratio
+        r[drafts] = self.COST_DECAY * r[drafts] + (1 - self.COST_DECAY) * ratio
+        r[not drafts] = 1.0 + self.COST_RELAX * (r[not drafts] - 1.0)
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> None:
         p = seq.request.params

@@ -335,3 +335,34 @@ def test_coupled_draft_keeps_the_target_distribution():
     kept_bad = sum(len(o) == 2 for o in out)
     same = [len(o) == 2 for o in verify(0, [[d] for d in target_draws], seeds, pos=7)]
     assert all(same) and kept_bad < n
+
+
+def test_cost_policy_learns_what_steps_with_drafts_take(monkeypatch):
+    """The cost policy compares each step's wall time with its prediction: when steps with drafts take 3x what the
+    step cost said (and steps without, what it said), it stops drafting; once drafts cost what they are predicted
+    to again, the unmeasured ratio relaxes back to 1 and drafting resumes."""
+    import types
+
+    import framework.infer.scheduler as scheduler_module
+
+    clock = [0.0]
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    sched = Scheduler(4, 1, 64, max_len=4096, proposer=FixedProposer([1, 2, 3, 4]), num_speculative_tokens=4,
+                      step_cost=StepCost([1, 64], [1.0, 1.0 + 63 * 0.06]))
+    prefill(sched, [[5, 6], [7, 8]], max_new_tokens=2000)
+
+    def step(slowdown: float) -> bool:
+        plan = sched.schedule(0)
+        drafted = len(plan.dec_slots) > 2
+        clock[0] += sched._timing[0][1] * (slowdown if drafted else 1.0)
+        reply = []  # the target agrees with the first two drafts, then draws 7 (an acceptance of 2/3)
+        for _, first, rows in plan.dec_groups():
+            reply += (plan.tokens[first + 1: first + 3] + [7] * 5)[:rows]
+        sched.complete(plan, reply)
+        return drafted
+
+    assert step(3.0)  # predicted: drafts pay for their rows
+    drafted = [step(3.0) for _ in range(30)]
+    assert not any(drafted[-10:]) and sched.cost_ratio[True] > 1.5 and sched.cost_ratio[False] == pytest.approx(1.0)
+    drafted = [step(1.0) for _ in range(120)]
+    assert drafted[-1] and sched.cost_ratio[True] < 2.0
