@@ -241,22 +241,39 @@ class Scheduler:
                 seqs.append(s)
                 caps.append(cap)
         draft_cost = getattr(self.proposer, "step_cost", None)
+        looked_up = None
+        if getattr(self.proposer, "cheap", False):
+            # a proposal that costs next to nothing (prompt lookup) is made first, so that the policy weighs the drafts
+            # there are: a sequence whose lookup finds nothing is no candidate, and none of its rows is predicted
+            looked_up = self.proposer.propose(seqs, caps)
+            for s, d in zip(seqs, looked_up):
+                if not d:
+                    s.spec.adapt.declined()
+            found = [i for i, d in enumerate(looked_up) if d]
+            seqs, caps, looked_up = [seqs[i] for i in found], [len(looked_up[i]) for i in found], [looked_up[i] for i in found]
         if self.step_cost is None:
             ks = [s.spec.adapt.next_k(cap) for s, cap in zip(seqs, caps)]
         else:
             ks = choose_drafts([s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)], rows, len(decoding),
                                self.step_cost, draft_cost, self.cost_ratio[True] / self.cost_ratio[False])
-            # what the step is predicted to cost, to be compared with what it takes (``complete``)
-            m, depth, n = sum(ks), max(ks, default=0), sum(1 for k in ks if k)
-            self._predicted = self.step_cost(rows + m) + (depth * draft_cost(n) if draft_cost is not None and m else 0)
         for s, k in zip(seqs, ks):
             if not k:
                 s.spec.adapt.declined()
-        seqs, ks = [s for s, k in zip(seqs, ks) if k > 0], [k for k in ks if k > 0]
-        if not seqs:
+        chosen = [i for i, k in enumerate(ks) if k > 0]
+        if not chosen:
+            made = []
+        elif looked_up is None:
+            made = self.proposer.propose([seqs[i] for i in chosen], [ks[i] for i in chosen])
+        else:
+            made = [looked_up[i] for i in chosen]
+        drafts = {seqs[i].slot: d[:ks[i]] for i, d in zip(chosen, made) if d}
+        if self.step_cost is not None:  # what the step is predicted to cost, to be compared with what it takes
+            m, depth = sum(len(d) for d in drafts.values()), max((len(d) for d in drafts.values()), default=0)
+            self._predicted = self.step_cost(rows + m) + (depth * draft_cost(len(drafts)) if draft_cost is not None
+                                                          and m else 0.0)
+        if not drafts:
             self.spec_skipped_steps += 1
-            return {}
-        return {s.slot: d[:k] for s, k, d in zip(seqs, ks, self.proposer.propose(seqs, ks)) if d}
+        return drafts
 
     def _sequence(self, req: Request, slot: int, lane: int) -> Sequence:
         """A new running sequence; its acceptance estimate starts from the engine's recent one (the workload's

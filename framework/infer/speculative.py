@@ -207,6 +207,8 @@ class NgramProposer:
     (transformers' ``prompt_lookup_num_tokens`` and vLLM's ngram proposer do the same lookup).
     Each sequence keeps an index of its n-grams, extended with the tokens added since its last lookup."""
 
+    cheap = True  # the scheduler looks drafts up before its policy weighs them (a lookup costs microseconds)
+
     def __init__(self, ngram_min: int, ngram_max: int):
         if not 1 <= ngram_min <= ngram_max:
             raise UserError(f"infer.ngram_min={ngram_min}, infer.ngram_max={ngram_max}: use 1 <= ngram_min <= ngram_max")

@@ -366,3 +366,17 @@ def test_cost_policy_learns_what_steps_with_drafts_take(monkeypatch):
     assert not any(drafted[-10:]) and sched.cost_ratio[True] > 1.5 and sched.cost_ratio[False] == pytest.approx(1.0)
     drafted = [step(1.0) for _ in range(120)]
     assert drafted[-1] and sched.cost_ratio[True] < 2.0
+
+
+def test_prompt_lookup_is_made_before_the_cost_policy_weighs_it():
+    """Prompt lookup costs nothing next to a step, so the scheduler looks drafts up first: a sequence whose lookup
+    finds nothing is no candidate, and the cost it predicts for the step counts only the draft rows there are."""
+    cost = StepCost([1, 64], [1.0, 1.1])  # rows nearly free: every draft found is verified
+    sched = Scheduler(4, 1, 64, max_len=256, proposer=NgramProposer(1, 2), num_speculative_tokens=4, step_cost=cost)
+    # the first prompt repeats (its last token 9, after prefill, was seen before: 1 2 9 3 ... -> drafts 3 4), the
+    # second has no earlier 9
+    prefill(sched, [[1, 2, 9, 3, 4], [5, 6, 7, 8]], max_new_tokens=8)
+    plan = sched.schedule(0)
+    groups = {slot: rows for slot, _, rows in plan.dec_groups()}
+    assert sorted(groups.values()) == [1, 5]
+    assert sched._timing[0][:2] == (True, pytest.approx(cost(2 + 4)))
