@@ -114,7 +114,6 @@ class Scheduler:
         # 1.0x). Their quotient scales a step with drafts in ``choose_drafts``
         self.cost_ratio = {True: 1.0, False: 1.0}
         self._timing: dict[int, tuple[bool, float, float]] = {}  # lane -> (drafts, predicted s, start of schedule)
-        self._predicted = 0.0
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -192,10 +191,9 @@ class Scheduler:
                 budget -= chunks[-1][1]
         # decode rows (prompt done, last token back), by slot: rows in consecutive slots read their cache as one view
         decoding = [s for s in sorted(seqs, key=lambda s: s.slot) if s.prefilled == s.prompt_len]
-        self._predicted = 0.0
-        drafts = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
-        if self._predicted and not chunks and len(self.lanes) == 1:  # a decode-only step of the only lane: timed
-            self._timing[lane] = (bool(drafts), self._predicted, start)
+        drafts, predicted = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
+        if predicted and not chunks and len(self.lanes) == 1:  # a decode-only step of the only lane: timed
+            self._timing[lane] = (bool(drafts), predicted, start)
         for s in decoding:
             # a finished row of a static group keeps being computed (its tokens dropped) at its last position
             pos = min(s.prompt_len + len(s.generated) - 1, self.max_len - 1)
@@ -221,15 +219,16 @@ class Scheduler:
         self.in_flight[lane] = True
         return plan
 
-    def _drafts(self, decoding: list[Sequence], rows: int) -> dict[int, list[int]]:
-        """Draft tokens of the rows that speculate this step (which has ``rows`` rows without them), by slot: no
+    def _drafts(self, decoding: list[Sequence], rows: int) -> tuple[dict[int, list[int]], float]:
+        """(draft tokens by slot, the step's predicted seconds under the cost policy, else 0) of the rows that
+        speculate this step (which has ``rows`` rows without them): no
         more than each one's remaining tokens and cache room allow, as many as the policy finds worth verifying
         (speculative.py); none when the lane decodes too many rows."""
         if self.proposer is None or self.k_max < 1 or not decoding:
-            return {}
+            return {}, 0.0
         if len(decoding) >= self.spec_max_batch:
             self.spec_skipped_steps += 1
-            return {}
+            return {}, 0.0
         seqs, caps = [], []
         for s in decoding:
             p = s.request.params
@@ -267,13 +266,13 @@ class Scheduler:
         else:
             made = [looked_up[i] for i in chosen]
         drafts = {seqs[i].slot: d[:ks[i]] for i, d in zip(chosen, made) if d}
+        predicted = 0.0
         if self.step_cost is not None:  # what the step is predicted to cost, to be compared with what it takes
             m, depth = sum(len(d) for d in drafts.values()), max((len(d) for d in drafts.values()), default=0)
-            self._predicted = self.step_cost(rows + m) + (depth * draft_cost(len(drafts)) if draft_cost is not None
-                                                          and m else 0.0)
+            predicted = self.step_cost(rows + m) + (depth * draft_cost(len(drafts)) if draft_cost is not None and m else 0.0)
         if not drafts:
             self.spec_skipped_steps += 1
-        return drafts
+        return drafts, predicted
 
     def _sequence(self, req: Request, slot: int, lane: int) -> Sequence:
         """A new running sequence; its acceptance estimate starts from the engine's recent one (the workload's
