@@ -114,6 +114,12 @@ class Scheduler:
         # 1.0x). Their quotient scales a step with drafts in ``choose_drafts``
         self.cost_ratio = {True: 1.0, False: 1.0}
         self._timing: dict[int, tuple[bool, float, float]] = {}  # lane -> (drafts, predicted s, start of schedule)
+        # and what the drafts it chose keep of what their estimates expected (a decayed ratio of sums): the policy
+        # drafts for the requests whose recent acceptance looks high, and a high estimate is partly luck that
+        # regresses (prompt lookup at batch 4 on code edits: 171-178 drafts expected kept a run, 134-144 kept)
+        self.keep_ratio = 1.0
+        self._keep_sums = [4.0, 4.0]  # decayed (kept, expected) sums; the prior: four drafts' worth of 1.0
+        self._expected: dict[int, float] = {}  # lane -> drafts its step in flight is expected to keep
 
     # -- state --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -191,9 +197,11 @@ class Scheduler:
                 budget -= chunks[-1][1]
         # decode rows (prompt done, last token back), by slot: rows in consecutive slots read their cache as one view
         decoding = [s for s in sorted(seqs, key=lambda s: s.slot) if s.prefilled == s.prompt_len]
-        drafts, predicted = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
+        drafts, predicted, expected = self._drafts(decoding, len(decoding) + sum(n for _, n in chunks))
         if predicted and not chunks and len(self.lanes) == 1:  # a decode-only step of the only lane: timed
             self._timing[lane] = (bool(drafts), predicted, start)
+        if expected:
+            self._expected[lane] = expected
         for s in decoding:
             # a finished row of a static group keeps being computed (its tokens dropped) at its last position
             pos = min(s.prompt_len + len(s.generated) - 1, self.max_len - 1)
@@ -219,16 +227,16 @@ class Scheduler:
         self.in_flight[lane] = True
         return plan
 
-    def _drafts(self, decoding: list[Sequence], rows: int) -> tuple[dict[int, list[int]], float]:
-        """(draft tokens by slot, the step's predicted seconds under the cost policy, else 0) of the rows that
-        speculate this step (which has ``rows`` rows without them): no
+    def _drafts(self, decoding: list[Sequence], rows: int) -> tuple[dict[int, list[int]], float, float]:
+        """(draft tokens by slot, the step's predicted seconds and the drafts its estimates expect kept, under the
+        cost policy, else 0 and 0) of the rows that speculate this step (which has ``rows`` rows without them): no
         more than each one's remaining tokens and cache room allow, as many as the policy finds worth verifying
         (speculative.py); none when the lane decodes too many rows."""
         if self.proposer is None or self.k_max < 1 or not decoding:
-            return {}, 0.0
+            return {}, 0.0, 0.0
         if len(decoding) >= self.spec_max_batch:
             self.spec_skipped_steps += 1
-            return {}, 0.0
+            return {}, 0.0, 0.0
         seqs, caps = [], []
         for s in decoding:
             p = s.request.params
@@ -253,8 +261,9 @@ class Scheduler:
         if self.step_cost is None:
             ks = [s.spec.adapt.next_k(cap) for s, cap in zip(seqs, caps)]
         else:
-            ks = choose_drafts([s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)], rows, len(decoding),
-                               self.step_cost, draft_cost, self.cost_ratio[True] / self.cost_ratio[False])
+            worth = [s.spec.adapt.worth(cap) for s, cap in zip(seqs, caps)]
+            ks = choose_drafts(worth, rows, len(decoding), self.step_cost, draft_cost,
+                               self.cost_ratio[True] / self.cost_ratio[False], self.keep_ratio)
         for s, k in zip(seqs, ks):
             if not k:
                 s.spec.adapt.declined()
@@ -266,13 +275,15 @@ class Scheduler:
         else:
             made = [looked_up[i] for i in chosen]
         drafts = {seqs[i].slot: d[:ks[i]] for i, d in zip(chosen, made) if d}
-        predicted = 0.0
-        if self.step_cost is not None:  # what the step is predicted to cost, to be compared with what it takes
+        predicted = expected = 0.0
+        if self.step_cost is not None:  # what the step is predicted to cost and to keep, to be compared with the real
             m, depth = sum(len(d) for d in drafts.values()), max((len(d) for d in drafts.values()), default=0)
             predicted = self.step_cost(rows + m) + (depth * draft_cost(len(drafts)) if draft_cost is not None and m else 0.0)
+            expected = sum(worth[i][0] ** j for i in chosen if seqs[i].slot in drafts
+                           for j in range(1, len(drafts[seqs[i].slot]) + 1))
         if not drafts:
             self.spec_skipped_steps += 1
-        return drafts, predicted
+        return drafts, predicted, expected
 
     def _sequence(self, req: Request, slot: int, lane: int) -> Sequence:
         """A new running sequence; its acceptance estimate starts from the engine's recent one (the workload's
@@ -316,6 +327,7 @@ class Scheduler:
 
         # (token, log-probabilities or None) of every sampled row, in row order
         drawn = [(tok, take(slot) if top[slot] >= 0 else None) for slot, tok in zip(sample_slots, reply)]
+        kept = 0
         for slot in plan.score_rows()[2]:
             seqs[slot].prompt_logprobs.append(take(slot))
         for slot, first, rows in plan.dec_groups():
@@ -328,6 +340,7 @@ class Scheduler:
             if rows > 1:
                 seq.spec.record(keep, rows - 1)
                 self.spec.record(keep, rows - 1)
+                kept += keep
             for tok, lp in drawn[first: first + keep + 1]:
                 self._append(seq, tok, now, lp)
                 if seq.finish_reason is not None:
@@ -352,6 +365,7 @@ class Scheduler:
         self._drop_cancelled(plan.lane)
         self.in_flight[plan.lane] = False
         self._learn_cost(plan.lane)
+        self._learn_keep(plan.lane, kept)
 
     COST_DECAY = 0.9  # weight of the ratio so far at each timed step
     COST_RELAX = 0.99  # a ratio not measured for a step moves this much less away from 1 (so that a policy that
@@ -368,6 +382,22 @@ class Scheduler:
         r = self.cost_ratio
         r[drafts] = self.COST_DECAY * r[drafts] + (1 - self.COST_DECAY) * ratio
         r[not drafts] = 1.0 + self.COST_RELAX * (r[not drafts] - 1.0)
+
+    KEEP_DECAY = 0.95  # weight of the sums so far at each step with drafts
+
+    def _learn_keep(self, lane: int, kept: int) -> None:
+        """Fold a step's kept drafts against what the policy expected of them into ``keep_ratio``: decayed sums of
+        both, their quotient within 0.25-1.5 (a ratio of sums, so that a step expecting little moves it little). A
+        step without drafts relaxes the ratio towards 1 as ``_learn_cost`` does, so that drafts it priced out are
+        tried again."""
+        expected = self._expected.pop(lane, 0.0)
+        kept_sum, expected_sum = self._keep_sums
+        if expected:
+            kept_sum, expected_sum = self.KEEP_DECAY * kept_sum + kept, self.KEEP_DECAY * expected_sum + expected
+        else:
+            kept_sum = expected_sum * (1.0 + self.COST_RELAX * (kept_sum / expected_sum - 1.0))
+        self._keep_sums = [kept_sum, expected_sum]
+        self.keep_ratio = min(max(kept_sum / expected_sum, 0.25), 1.5)
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> None:
         p = seq.request.params

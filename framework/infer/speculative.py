@@ -162,19 +162,20 @@ class StepCost:
 
 
 def choose_drafts(worth: list[tuple[float, int]], base_rows: int, base_tokens: float, cost: StepCost,
-                  draft_cost: StepCost | None = None, scale: float = 1.0) -> list[int]:
+                  draft_cost: StepCost | None = None, scale: float = 1.0, keep: float = 1.0) -> list[int]:
     """How many drafts each candidate verifies this step (the cost policy): ``worth[i]`` is (alpha, most drafts)
     of candidate i, whose j-th draft is worth alpha^j expected tokens and costs a row; a step already has
     ``base_rows`` rows and emits ``base_tokens`` tokens without drafts. Drafts are taken most valuable first, and
     the step keeps the number of them whose expected tokens a second (step cost, plus the draft model's steps:
     the deepest draft's count of steps over the candidates that draft) is highest; ``scale``: what a step with drafts
-    takes over its predicted cost, relative to a step without (the scheduler's ``cost_ratio``)."""
+    takes over its predicted cost, relative to a step without (the scheduler's ``cost_ratio``); ``keep``: what the
+    drafts chosen keep of what their estimates expected (the scheduler's ``keep_ratio``), which scales every gain."""
     cands = sorted(((a ** j, i, j) for i, (a, k) in enumerate(worth) if a > 0 for j in range(1, k + 1)),
                    key=lambda c: -c[0])
     best_m, best = 0, base_tokens / cost(base_rows)
     tokens, depth, seqs = base_tokens, 0, set()
     for m, (gain, i, j) in enumerate(cands, 1):
-        tokens += gain
+        tokens += keep * gain
         depth = max(depth, j)
         seqs.add(i)
         t = scale * (cost(base_rows + m) + (depth * draft_cost(len(seqs)) if draft_cost is not None else 0.0))

@@ -368,6 +368,38 @@ def test_cost_policy_learns_what_steps_with_drafts_take(monkeypatch):
     assert drafted[-1] and sched.cost_ratio[True] < 2.0
 
 
+def test_cost_policy_learns_what_its_drafts_keep(monkeypatch):
+    """The cost policy weighs each draft at its request's acceptance estimate; when the drafts it chose keep far less
+    than those estimates expected (a stale or lucky estimate), the kept / expected ratio it learns prices them out;
+    steps without drafts relax the ratio back to 1, and drafts that are kept again raise it."""
+    import types
+
+    import framework.infer.scheduler as scheduler_module
+    from framework.infer.speculative import Acceptance
+
+    clock = [0.0]  # every step takes what it was predicted to take (the cost ratios stay 1)
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(Acceptance, "worth", lambda self, k_max: (0.9, k_max))  # an estimate that never moves
+    sched = Scheduler(4, 1, 64, max_len=4096, proposer=FixedProposer([1, 2, 3, 4]), num_speculative_tokens=4,
+                      step_cost=StepCost([1, 64], [1.0, 1.0 + 63 * 0.5]))  # a row costs half a step
+    prefill(sched, [[5, 6], [7, 8]], max_new_tokens=2000)
+
+    def step(agree: bool) -> bool:
+        plan = sched.schedule(0)
+        clock[0] += sched._timing[0][1]
+        reply = []
+        for _, first, rows in plan.dec_groups():  # the target keeps every draft, or none
+            reply += (plan.tokens[first + 1: first + rows] if agree else [7] * (rows - 1)) + [7]
+        sched.complete(plan, reply)
+        return len(plan.dec_slots) > 2
+
+    assert step(False)  # at 0.9 a draft pays for its row
+    drafted = [step(False) for _ in range(30)]
+    assert not any(drafted[-10:]) and sched.keep_ratio < 0.75
+    drafted = [step(True) for _ in range(200)]
+    assert any(drafted[:150]) and drafted[-1] and sched.keep_ratio > 0.9
+
+
 def test_prompt_lookup_is_made_before_the_cost_policy_weighs_it():
     """Prompt lookup costs nothing next to a step, so the scheduler looks drafts up first: a sequence whose lookup
     finds nothing is no candidate, and the cost it predicts for the step counts only the draft rows there are."""
