@@ -270,8 +270,9 @@ class Scheduler:
         chosen = [i for i, k in enumerate(ks) if k > 0]
         if not chosen:
             made = []
-        elif looked_up is None:
-            made = self.proposer.propose([seqs[i] for i in chosen], [ks[i] for i in chosen])
+        elif looked_up is None:  # every candidate, those without drafts too (a draft model keeps them in step)
+            made = self.proposer.propose(seqs, ks)
+            made = [made[i] for i in chosen]
         else:
             made = [looked_up[i] for i in chosen]
         drafts = {seqs[i].slot: d[:ks[i]] for i, d in zip(chosen, made) if d}

@@ -257,20 +257,29 @@ class DraftProposer:
         self.worker = worker  # a StageWorker holding the whole draft model
         self.step_cost = step_cost  # its step's seconds against rows (the cost policy counts them)
 
-    CATCH_UP_ROWS = 8  # a sequence this few tokens behind the draft cache catches up in decode rows (compiled)
+    # a sequence this few tokens behind the draft cache catches up in decode rows (compiled); more, in a prompt
+    # segment (eager: ~2-3 ms for a 4-layer draft here). 16 covers a request the policy declined for a while and
+    # then probes (Acceptance.PROBE_EVERY = 8 steps, each one or more tokens)
+    CATCH_UP_ROWS = 16
 
     @torch.inference_mode()
     def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        """Each sequence's ks[i] drafts; a sequence with k = 0 gets none, but where it is only a few tokens behind
+        the draft cache it catches up in the same step (a few more rows of a step that runs anyway), so that a
+        request the policy declines now and then does not fall so far behind that its next proposal needs an eager
+        prompt segment."""
         from framework.infer.step import StepPlan
 
         ctxs = [s.request.prompt_ids + s.generated for s in seqs]
-        plan, rows = self._catch_up(seqs, ctxs)
+        plan, fed, rows = self._catch_up(seqs, ctxs, ks)
         logits = self.worker.step(plan, None)
         if rows != list(range(logits.shape[0])):  # segments' rows come after every decode row
             logits = logits[torch.tensor(rows, device=logits.device)]
-        drafts = [[t] for t in self._draw(logits, seqs, [len(ctx) for ctx in ctxs])]
-        for s, ctx in zip(seqs, ctxs):
-            s.spec_state = list(ctx)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        for i, t in zip(fed, self._draw(logits, [seqs[i] for i in fed], [len(ctxs[i]) for i in fed])):
+            seqs[i].spec_state = list(ctxs[i])
+            if ks[i]:
+                drafts[i].append(t)
         live = [i for i, k in enumerate(ks) if k > 1]
         while live:
             step = StepPlan(dec_slots=[seqs[i].slot for i in live],
@@ -283,11 +292,12 @@ class DraftProposer:
             live = [i for i in live if len(drafts[i]) < ks[i]]
         return drafts
 
-    def _catch_up(self, seqs: list, ctxs: list[list[int]]):
+    def _catch_up(self, seqs: list, ctxs: list[list[int]], ks: list[int]):
         """The step that feeds each sequence the tokens its draft cache lacks (at least the last one: its logits
         give the first draft). A verification leaves a sequence one or two tokens behind: those are decode rows of
         its slot (the compiled step, when every sequence is so close); a new one (or one far behind) is a prompt
-        segment, whose step runs eagerly. Returns the plan and, for each sequence, the row of its logits."""
+        segment, whose step runs eagerly, left out for a sequence that wants no drafts (k = 0). Returns the plan,
+        the sequences it feeds, and for each of them the row of its logits."""
         from framework.infer.step import StepPlan
 
         plan, segs, dec_last = StepPlan(), [], {}
@@ -298,7 +308,7 @@ class DraftProposer:
                 plan.dec_pos.extend(range(common, len(ctx)))
                 plan.tokens.extend(ctx[common:])
                 dec_last[i] = len(plan.dec_slots) - 1
-            else:
+            elif ks[i]:
                 segs.append((i, common))
         seg_row = {}
         for i, common in segs:
@@ -307,7 +317,8 @@ class DraftProposer:
             plan.seg_next.append(-2)
             plan.tokens.extend(ctxs[i][common:])
             seg_row[i] = len(plan.dec_slots) + len(seg_row)  # sampled rows: every decode row, then the segments'
-        return plan, [dec_last[i] if i in dec_last else seg_row[i] for i in range(len(seqs))]
+        fed = [i for i in range(len(seqs)) if i in dec_last or i in seg_row]
+        return plan, fed, [dec_last[i] if i in dec_last else seg_row[i] for i in fed]
 
     def _draw(self, logits: torch.Tensor, seqs: list, positions: list[int]) -> list[int]:
         """The draft's token for each row: its argmax for a greedy request, else its draw with the request's

@@ -412,3 +412,33 @@ def test_prompt_lookup_is_made_before_the_cost_policy_weighs_it():
     groups = {slot: rows for slot, _, rows in plan.dec_groups()}
     assert sorted(groups.values()) == [1, 5]
     assert sched._timing[0][:2] == (True, pytest.approx(cost(2 + 4)))
+
+
+def test_draft_proposer_keeps_declined_sequences_in_step(tmp_path):
+    """A draft model's proposal also feeds the sequences the policy gave no drafts (k = 0) that are only a few
+    tokens behind the draft cache (decode rows of a step that runs anyway), and leaves out those that would need a
+    prompt segment; a sequence's drafts do not depend on who else is fed beside it (the draft's own greedy text)."""
+    from framework.data.tokenizer import load_tokenizer
+    from framework.infer.speculative import load_draft_proposer
+    from tests.helpers import make_hf_model
+
+    make_hf_model(str(tmp_path), n_layers=1)
+    tok = load_tokenizer(str(tmp_path))
+    prop = load_draft_proposer(str(tmp_path), tok, 4, 64, torch.device("cpu"), torch.float32, compiled=False)
+
+    class Seq:
+        def __init__(self, slot, prompt, generated):
+            self.request = Request(slot, prompt, SamplingParams())
+            self.slot, self.generated, self.spec_state = slot, generated, None
+
+    a, b, c = Seq(0, [3, 4, 5, 6], [7]), Seq(1, [8, 9, 10, 11], [12]), Seq(2, [13, 14, 15], [16])
+    assert prop.propose([a, b], [3, 3]) == [prop.propose([Seq(3, [3, 4, 5, 6], [7])], [3])[0], prop.propose(
+        [Seq(3, [8, 9, 10, 11], [12])], [3])[0]]
+    a.generated += [20, 21]
+    b.generated += [22, 23, 24]
+    got = prop.propose([a, b, c], [2, 0, 0])
+    assert [len(d) for d in got] == [2, 0, 0]
+    assert b.spec_state == b.request.prompt_ids + b.generated  # caught up beside a, no drafts of its own
+    assert c.spec_state is None  # never fed: a whole prompt is left for when it drafts
+    alone = Seq(3, a.request.prompt_ids, list(a.generated))
+    assert got[0] == prop.propose([alone], [2])[0]
