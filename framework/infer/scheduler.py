@@ -255,7 +255,7 @@ class Scheduler:
             looked_up = self.proposer.propose(seqs, caps)
             for s, d in zip(seqs, looked_up):
                 if not d:
-                    s.spec.adapt.declined(self.spec.adapt.alpha)
+                    s.spec.adapt.declined()
             found = [i for i, d in enumerate(looked_up) if d]
             seqs, caps, looked_up = [seqs[i] for i in found], [len(looked_up[i]) for i in found], [looked_up[i] for i in found]
         if self.step_cost is None:
@@ -266,7 +266,7 @@ class Scheduler:
                                self.cost_ratio[True] / self.cost_ratio[False], self.keep_ratio)
         for s, k in zip(seqs, ks):
             if not k:
-                s.spec.adapt.declined(self.spec.adapt.alpha)
+                s.spec.adapt.declined()
         chosen = [i for i, k in enumerate(ks) if k > 0]
         if not chosen:
             made = []

@@ -33,8 +33,7 @@ How many drafts a step verifies (``infer.speculative_policy``):
   only drafts likely enough to be kept are worth their row, and none at all for a batch of poor acceptance.
 - ``acceptance``: k is one more than the request's expected run of accepted drafts, whatever a row costs.
 Under both, a step whose lane decodes ``infer.speculative_max_batch`` rows or more adds no drafts, and a request
-whose drafts keep being refused gets a one-draft probe now and then (so that text turning repetitive is noticed),
-and while declined its estimate moves towards the workload's.
+whose drafts keep being refused gets a one-draft probe now and then (so that text turning repetitive is noticed).
 Requests with a repetition penalty do not speculate (a draft row's penalty would need the drafts before it among
 the tokens it has seen).
 """
@@ -95,19 +94,9 @@ class Acceptance:
             return max(self.alpha, self.PROBE_ALPHA), 1
         return (0.0, 0) if self.run < self.MIN_RUN else (self.alpha, k_max)
 
-    RELAX = 0.9  # an unmeasured estimate keeps this much of its distance from the workload's a declined step
-
-    def declined(self, toward: float | None = None) -> None:
-        """This request got no draft this step (either policy). ``toward``: the workload's acceptance, which the
-        estimate moves towards while nothing measures it (its evidence kept): a request is declined for a low
-        recent estimate, and a low estimate is partly bad luck that regresses, which waiting for the next probe
-        left unseen (batch 1, draft on stdlib code: a third of the steps drafted nothing under the cost policy,
-        where the acceptance policy's drafts on those requests paid)."""
+    def declined(self) -> None:
+        """This request got no draft this step (either policy)."""
         self.idle += 1
-        if toward is not None:
-            n = self.accepted + self.rejected
-            self.accepted = self.RELAX * self.accepted + (1.0 - self.RELAX) * n * toward
-            self.rejected = n - self.accepted
 
     def next_k(self, k_max: int) -> int:
         """The acceptance policy: one more draft than the expected accepted run, within 1..k_max; 0 while

@@ -400,28 +400,6 @@ def test_cost_policy_learns_what_its_drafts_keep(monkeypatch):
     assert any(drafted[:150]) and drafted[-1] and sched.keep_ratio > 0.9
 
 
-def test_a_declined_estimate_moves_towards_the_workloads():
-    """A request the policy declines for a low recent estimate is not measured until its next probe; meanwhile its
-    estimate regresses towards the workload's acceptance, keeping its weight of evidence, so the policy weighs it
-    again at what the workload keeps (the scheduler passes the engine's estimate)."""
-    est = Acceptance(accepted=0.1, rejected=1.9)  # alpha 0.05: hopeless to the cost policy
-    assert est.worth(4) == (0.0, 0)
-    for _ in range(12):
-        est.declined(0.6)
-    assert 0.4 < est.alpha < 0.6 and est.accepted + est.rejected == pytest.approx(2.0)
-    assert est.worth(4)[1] == 4 or est.idle >= Acceptance.PROBE_EVERY
-    plain = Acceptance(accepted=0.1, rejected=1.9)
-    plain.declined()  # no workload estimate: only the idle count moves
-    assert plain.alpha == pytest.approx(0.05) and plain.idle == 1
-
-    sched = Scheduler(4, 1, 64, max_len=256, proposer=FixedProposer([1, 2]), num_speculative_tokens=2,
-                      step_cost=StepCost([1, 64], [1.0, 1.0 + 63 * 0.9]))  # drafts never pay: every one declined
-    (seq,) = prefill(sched, [[5, 6]], max_new_tokens=20)
-    seq.spec.adapt = Acceptance(accepted=0.1, rejected=1.9)
-    plan = sched.schedule(0)
-    assert len(plan.dec_slots) == 1 and seq.spec.adapt.alpha > 0.05  # towards the engine's (0.75 before any verification)
-
-
 def test_prompt_lookup_is_made_before_the_cost_policy_weighs_it():
     """Prompt lookup costs nothing next to a step, so the scheduler looks drafts up first: a sequence whose lookup
     finds nothing is no candidate, and the cost it predicts for the step counts only the draft rows there are."""
