@@ -280,7 +280,8 @@ class Scheduler:
         if self.step_cost is not None:  # what the step is predicted to cost and to keep, to be compared with the real
             m, depth = sum(len(d) for d in drafts.values()), max((len(d) for d in drafts.values()), default=0)
             predicted = self.step_cost(rows + m) + (depth * draft_cost(len(drafts)) if draft_cost is not None and m else 0.0)
-            expected = sum(worth[i][0] ** j for i in chosen if seqs[i].slot in drafts
+            # at each request's own estimate: a probe is weighed higher on purpose, and is no estimate's error
+            expected = sum(seqs[i].spec.adapt.alpha ** j for i in chosen if seqs[i].slot in drafts
                            for j in range(1, len(drafts[seqs[i].slot]) + 1))
         if not drafts:
             self.spec_skipped_steps += 1
@@ -397,8 +398,8 @@ class Scheduler:
             kept_sum, expected_sum = self.KEEP_DECAY * kept_sum + kept, self.KEEP_DECAY * expected_sum + expected
         else:
             kept_sum = expected_sum * (1.0 + self.COST_RELAX * (kept_sum / expected_sum - 1.0))
-        self._keep_sums = [kept_sum, expected_sum]
         self.keep_ratio = min(max(kept_sum / expected_sum, 0.25), 1.5)
+        self._keep_sums = [self.keep_ratio * expected_sum, expected_sum]  # the sums hold the ratio used
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> None:
         p = seq.request.params

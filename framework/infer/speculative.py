@@ -246,8 +246,9 @@ class NgramProposer:
 
 class DraftProposer:
     """A small model with the target's tokenizer, run on rank 0 with a KV cache of its own (one slot per target
-    slot): a step feeds each sequence's tokens the draft cache does not hold yet and draws the first draft (argmax,
-    or the coupled draw of a sampled request: ``_draw``), then k - 1 one-row decode steps continue the draft. Each
+    slot): a step feeds each sequence that drafts the tokens the draft cache does not hold yet (and those that do
+    not draft this step, where they are close behind) and draws the first draft (argmax, or the coupled draw of a
+    sampled request: ``_draw``), then k - 1 one-row decode steps continue the draft. Each
     sequence remembers which tokens the draft cache holds; a draft the target rejected is written over on the next
     catch-up. The draft's decode steps run compiled by default (``infer.draft_compile``): a draft small enough to
     pay costs, eager, its Python and kernel launches rather than its weights (2-layer 64-wide draft, one row on
@@ -270,6 +271,8 @@ class DraftProposer:
         prompt segment."""
         from framework.infer.step import StepPlan
 
+        if not any(ks):
+            return [[] for _ in seqs]
         ctxs = [s.request.prompt_ids + s.generated for s in seqs]
         plan, fed, rows = self._catch_up(seqs, ctxs, ks)
         logits = self.worker.step(plan, None)

@@ -379,7 +379,8 @@ def test_cost_policy_learns_what_its_drafts_keep(monkeypatch):
 
     clock = [0.0]  # every step takes what it was predicted to take (the cost ratios stay 1)
     monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(Acceptance, "worth", lambda self, k_max: (0.9, k_max))  # an estimate that never moves
+    monkeypatch.setattr(Acceptance, "alpha", property(lambda self: 0.9))  # an estimate that never moves
+    monkeypatch.setattr(Acceptance, "worth", lambda self, k_max: (0.9, k_max))
     sched = Scheduler(4, 1, 64, max_len=4096, proposer=FixedProposer([1, 2, 3, 4]), num_speculative_tokens=4,
                       step_cost=StepCost([1, 64], [1.0, 1.0 + 63 * 0.5]))  # a row costs half a step
     prefill(sched, [[5, 6], [7, 8]], max_new_tokens=2000)
@@ -440,5 +441,8 @@ def test_draft_proposer_keeps_declined_sequences_in_step(tmp_path):
     assert [len(d) for d in got] == [2, 0, 0]
     assert b.spec_state == b.request.prompt_ids + b.generated  # caught up beside a, no drafts of its own
     assert c.spec_state is None  # never fed: a whole prompt is left for when it drafts
-    alone = Seq(3, a.request.prompt_ids, list(a.generated))
+    alone = Seq(3, a.request.prompt_ids, [7])  # the same history, alone: a prompt chunk, then decode rows
+    prop.propose([alone], [3])
+    alone.generated += [20, 21]
     assert got[0] == prop.propose([alone], [2])[0]
+    assert prop.propose([a, b], [0, 0]) == [[], []]  # nothing to draft: no step
