@@ -8,11 +8,15 @@
 // The summation order of one output row depends on nothing but K (16 lanes, k = j mod 16 in lane j, in order; the
 // lanes reduced in a fixed tree; a K % 16 tail added last), never on the batch, the thread count or the other rows:
 // a row's result is the same whatever shares its batch, and a tensor-parallel slice of rows gives the same bits.
+// Every multiply-add is an explicit fused one and the build turns the compiler's own contraction off
+// (-ffp-contract=off): GCC 12 on an AVX-512 EPYC had vectorised the K % 16 tail across a 4-row pass with FMAs and
+// left a 1-row pass's tail as a multiply and an add, so a row's bits depended on its batch (K = 100, 529).
 // Output rows are split over ATen's threads (torch.get_num_threads()).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -61,7 +65,7 @@ inline Vec group_table(float scale, float zero) {  // (u - zero) * scale for u =
 struct Vec { float v[kLanes]; };
 inline Vec vzero() { Vec r; for (int j = 0; j < kLanes; ++j) r.v[j] = 0.f; return r; }
 inline Vec vload(const float* p) { Vec r; for (int j = 0; j < kLanes; ++j) r.v[j] = p[j]; return r; }
-inline Vec vfma(Vec a, Vec b, Vec c) { for (int j = 0; j < kLanes; ++j) c.v[j] = a.v[j] * b.v[j] + c.v[j]; return c; }
+inline Vec vfma(Vec a, Vec b, Vec c) { for (int j = 0; j < kLanes; ++j) c.v[j] = std::fma(a.v[j], b.v[j], c.v[j]); return c; }
 inline float vsum(Vec v) {  // the same pairwise tree as _mm512_reduce_add_ps
   for (int w = kLanes / 2; w >= 1; w /= 2) for (int j = 0; j < w; ++j) v.v[j] += v.v[j + w];
   return v.v[0];
@@ -101,7 +105,7 @@ void dense_pass(const float* x, const W* w, const float* scale, float* y, int64_
   for (int64_t m = 0; m < MB; ++m) {
     for (int64_t r = 0; r < R; ++r) {
       float s = vsum(acc[m][r]);
-      for (int64_t t = k; t < K; ++t) s += x[m * K + t] * float(w[(n + r) * K + t]);
+      for (int64_t t = k; t < K; ++t) s = std::fma(x[m * K + t], float(w[(n + r) * K + t]), s);
       y[m * N + n + r] = scale ? s * scale[n + r] : s;
     }
   }
