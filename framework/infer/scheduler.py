@@ -118,7 +118,7 @@ class Scheduler:
         # drafts for the requests whose recent acceptance looks high, and a high estimate is partly luck that
         # regresses (prompt lookup at batch 4 on code edits: 171-178 drafts expected kept a run, 134-144 kept)
         self.keep_ratio = 1.0
-        self._keep_sums = [4.0, 4.0]  # decayed (kept, expected) sums; the prior: four drafts' worth of 1.0
+        self._keep_weight = 4.0  # the decayed sum of expected drafts behind keep_ratio (the prior: four drafts' worth)
         self._expected: dict[int, float] = {}  # lane -> drafts its step in flight is expected to keep
 
     # -- state --------------------------------------------------------------------------------------------
@@ -392,14 +392,16 @@ class Scheduler:
         both, their quotient within 0.25-1.5 (a ratio of sums, so that a step expecting little moves it little). A
         step without drafts relaxes the ratio towards 1 as ``_learn_cost`` does, so that drafts it priced out are
         tried again."""
+        if self.proposer is None:
+            return
         expected = self._expected.pop(lane, 0.0)
-        kept_sum, expected_sum = self._keep_sums
-        if expected:
-            kept_sum, expected_sum = self.KEEP_DECAY * kept_sum + kept, self.KEEP_DECAY * expected_sum + expected
+        if expected:  # the kept sum is keep_ratio times the expected one (clamped: the sums hold the ratio used)
+            weight = self.KEEP_DECAY * self._keep_weight
+            ratio = (weight * self.keep_ratio + kept) / (weight + expected)
+            self._keep_weight = weight + expected
         else:
-            kept_sum = expected_sum * (1.0 + self.COST_RELAX * (kept_sum / expected_sum - 1.0))
-        self.keep_ratio = min(max(kept_sum / expected_sum, 0.25), 1.5)
-        self._keep_sums = [self.keep_ratio * expected_sum, expected_sum]  # the sums hold the ratio used
+            ratio = 1.0 + self.COST_RELAX * (self.keep_ratio - 1.0)
+        self.keep_ratio = min(max(ratio, 0.25), 1.5)
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> None:
         p = seq.request.params
