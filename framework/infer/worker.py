@@ -49,6 +49,12 @@ def cpu_int8_kernels(weights: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) and m.gemv_rows for m in weights.modules())
 
 
+def path_rows(weights: nn.Module) -> list[int]:
+    """Row counts past which a linear of the stage leaves this project's CPU kernel for the GEMM (``gemv_rows`` of
+    cpu_linear.StreamLinear and quantize.Int8Linear): a compiled step's graph guards on each of them."""
+    return sorted({m.gemv_rows for m in weights.modules() if getattr(m, "gemv_rows", 0)})
+
+
 def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     """One module computing ``cat([m(x) for m in linears], -1)``: nn.Linear by concatenating weights, other
     (quantized) modules through their ``cat`` classmethod."""
@@ -497,6 +503,11 @@ class StageWorker:
                 run(rows, pos)
             for n in range(rows + 1, min(rows + 2, self.max_rows) + 1):
                 run(n, 1)
+            # past a linear's kernel rows (``path_rows``) the graph is another one: built now too, where a step may
+            # have that many rows (a draft catching up 4 sequences 8 tokens each took 1.1 s to compile mid-run)
+            for limit in path_rows(self.w):
+                for n in range(limit + 1, min(limit + 2, self.max_rows) + 1):
+                    run(n, 1)
         else:
             # A decode step has at most every slot decoding (with its draft rows): every padded row count up to that,
             # with every window.

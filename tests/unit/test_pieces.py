@@ -254,24 +254,41 @@ def test_decode_attention_reads_each_slots_cache_once():
         torch.testing.assert_close(want[:1], one, rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_cpu_step_is_built_at_load_for_every_row_count():
+@pytest.mark.parametrize("layout", ["plain", "one-row"])
+def test_compiled_cpu_step_is_built_at_load_for_every_row_count(layout):
     """A compiled CPU decode step that may carry draft rows (max_rows > the batch) is compiled at load for the row
     counts verification brings, not while serving: a step of any row count after ``warm_up`` compiles nothing,
-    and gives the eager step's logits."""
+    and gives the eager step's logits. ``one-row``: the linears laid out as a draft's (cpu_linear.relaid for one
+    compiled row), whose kernel rows (cut to 3 here) end inside max_rows: the GEMM's graph past them is built too."""
+    import copy
+
     from torch._dynamo.utils import counters
 
     from framework.infer.cache import KVCache
+    from framework.infer.cpu_linear import pack_linears
     from framework.infer.step import StepPlan
-    from framework.infer.worker import StageWeights, StageWorker
+    from framework.infer.worker import StageWeights, StageWorker, path_rows
+    from framework.kernels import cpu_quant
     from framework.models.llama import Llama, ModelArgs
 
+    if layout == "one-row" and not cpu_quant.available():
+        pytest.skip("no C++ compiler for framework/kernels")
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
     weights = StageWeights(Llama(args).eval()).eval()
+    laid = weights
+    if layout == "one-row":
+        laid = copy.deepcopy(weights)
+        pack_linears(laid, rows_hint=1, compiled=True)
+        for m in laid.modules():
+            if getattr(m, "gemv_rows", 0):
+                m.gemv_rows = 3
+        assert path_rows(laid) == [3]
 
     def worker(compiled: bool) -> StageWorker:
         cache = KVCache([0, 1], 2, 2, 64, 16, torch.float32, torch.device("cpu"))
-        return StageWorker(weights, cache, torch.device("cpu"), torch.float32, compile_decode=compiled, max_rows=6)
+        return StageWorker(laid if compiled else weights, cache, torch.device("cpu"), torch.float32,
+                           compile_decode=compiled, max_rows=6)
 
     eager, compiled = worker(False), worker(True)
     compiled.warm_up(1)
