@@ -84,13 +84,14 @@ class StreamLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight.detach().contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach()
-        # rows a call up to which the kernel runs (0 without a compiler: a RowDotLinear's several rows are then
-        # F.linear); Int8Linear's attribute of the same name, which a compiled step warms up on both sides of
+        # rows a call up to which the kernel runs (0 without a compiler: every call is then F.linear, a
+        # RowDotLinear's several rows and a prompt chunk's empty selection alike); Int8Linear's attribute of the same
+        # name, which a compiled step warms up on both sides of
         self.gemv_rows = self.KERNEL_ROWS if cpu_quant.available() else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > self.gemv_rows:
+        if not self.gemv_rows or x2.shape[0] > self.gemv_rows:
             return F.linear(x, self.weight, self.bias)
         y = cpu_quant.f32_gemv(x2, self.weight)
         if self.bias is not None:

@@ -167,6 +167,29 @@ def test_stream_linear_matches_f_linear_and_gives_a_row_the_same_bits_in_any_bat
     torch.testing.assert_close(mod(x3), torch.nn.functional.linear(x3, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_few_row_layouts_without_the_kernels_are_f_linear(monkeypatch):
+    """Built without the kernels (no C++ compiler, ``MIAOTUI_QUANT_KERNELS=0``): every call of the few-row layouts
+    is F.linear and none reaches the kernel, an empty one too (a compiled engine's head over a prompt chunk that
+    samples no row)."""
+    from framework.infer.cpu_linear import RowDotLinear, StreamLinear
+    from framework.kernels import cpu_quant
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 10)
+    with cpu_quant.disabled():
+        mods = [StreamLinear(lin), RowDotLinear(lin)]
+
+    def no_kernel(*_):
+        raise AssertionError("the kernel was called without the kernels")
+
+    monkeypatch.setattr(cpu_quant, "f32_gemv", no_kernel)
+    for mod in mods:
+        assert mod.gemv_rows == 0
+        for rows in (0, 1, 3):
+            x = torch.randn(rows, 24)
+            torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
 def test_row_dot_linear_compiled_matches_f_linear():
     """The one-row layout for a compiled decode step computes F.linear, inside and outside the graph."""
     from framework.infer.cpu_linear import RowDotLinear
@@ -258,28 +281,29 @@ def test_decode_attention_reads_each_slots_cache_once():
 def test_compiled_cpu_step_is_built_at_load_for_every_row_count(layout):
     """A compiled CPU decode step that may carry draft rows (max_rows > the batch) is compiled at load for the row
     counts verification brings, not while serving: a step of any row count after ``warm_up`` compiles nothing,
-    and gives the eager step's logits. ``one-row``: the linears laid out as a draft's (cpu_linear.relaid for one
-    compiled row), whose kernel rows (cut to 3 here) end inside max_rows: the GEMM's graph past them is built too."""
+    and gives the eager step's logits. ``one-row``: the weights laid out as a draft's (``lay_out_for_decode`` for
+    one compiled row: norms folded, cpu_linear.relaid), whose kernel rows (cut to 3 here) end inside max_rows: the
+    GEMM's graph past them is built too."""
     import copy
 
     from torch._dynamo.utils import counters
 
     from framework.infer.cache import KVCache
-    from framework.infer.cpu_linear import pack_linears
+    from framework.infer.cpu_linear import packing_available
+    from framework.infer.loader import lay_out_for_decode
     from framework.infer.step import StepPlan
     from framework.infer.worker import StageWeights, StageWorker, path_rows
     from framework.kernels import cpu_quant
     from framework.models.llama import Llama, ModelArgs
 
-    if layout == "one-row" and not cpu_quant.available():
-        pytest.skip("no C++ compiler for framework/kernels")
+    if layout == "one-row" and not (cpu_quant.available() and packing_available(torch.float32, torch.device("cpu"))):
+        pytest.skip("no C++ compiler for framework/kernels, or a torch without oneDNN")
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
     weights = StageWeights(Llama(args).eval()).eval()
     laid = weights
     if layout == "one-row":
-        laid = copy.deepcopy(weights)
-        pack_linears(laid, rows_hint=1, compiled=True)
+        laid = lay_out_for_decode(copy.deepcopy(weights), None, 128, 1, torch.float32, torch.device("cpu"), compiled=True)
         for m in laid.modules():
             if getattr(m, "gemv_rows", 0):
                 m.gemv_rows = 3
