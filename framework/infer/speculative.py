@@ -361,9 +361,9 @@ def load_draft_proposer(draft_dir: str, target_tokenizer, n_slots: int, max_len:
     args = read_model_args(model_dir)
     stage = plan_stages(args, 1, None, torch.tensor([], dtype=dtype).element_size())[0]
     # laid out for one-row steps (cpu_linear.relaid): compiled, a proposal's one-row steps are inductor's own
-    # reductions and its catch-up rows this project's kernel, not a BLAS call per linear (eager: the kernel). With the BLAS calls
-    # (17 a step) the draft's steps inside the engine took 2-4x their load-time time and the target's next step
-    # slowed too; see docs/engine.md, "The draft's products"
+    # reductions and its catch-up rows this project's kernel, not a BLAS call per linear (eager: the kernel). With
+    # the BLAS calls (17 a step) the draft's steps inside the engine took 2-4x their load-time time and the target's
+    # next step slowed too; see docs/engine.md, "The draft's products"
     weights = load_stage(model_dir, args, stage, device, dtype, rows_hint=1, compiled=compiled)
     cache = KVCache(stage.layers, n_slots, args.kv_heads, max_len, args.head_dim, dtype, device)
     seqs = min(n_slots, max_seqs or n_slots)
